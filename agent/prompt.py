@@ -1,0 +1,78 @@
+"""The policy's view of a game state and the format of its answer, shared by every stage.
+
+A state is rendered as one user message (task, recent history, current observation,
+admissible commands) inside the model's chat template. The model answers
+    REASON: <optional short thought>
+    ACTION: <command>
+SFT targets, the PRM's inputs and DPO pairs all use exactly these strings.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+SYSTEM_PROMPT = (
+    "You are an agent in a household text game. Complete the task by sending one command per turn. "
+    "Choose the command from the admissible commands. Answer in the format:\n"
+    "REASON: <one short sentence>\nACTION: <command>"
+)
+_ACTION_RE = re.compile(r"^\s*ACTION\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Turn:
+    action: str
+    observation: str
+
+
+@dataclass
+class AgentState:
+    """What the policy sees at one step."""
+
+    task: str
+    observation: str
+    admissible_commands: list[str]
+    history: list[Turn] = field(default_factory=list)  # all turns so far; rendering keeps the recent ones
+
+
+def render_user_message(state: AgentState, history_turns: int) -> str:
+    lines = [f"Your task is to: {state.task}"]
+    recent = state.history[-history_turns:] if history_turns > 0 else []
+    if recent:
+        skipped = len(state.history) - len(recent)
+        lines.append("")
+        lines.append(f"Recent history ({skipped} earlier turns omitted):" if skipped else "History:")
+        for turn in recent:
+            lines.append(f"> {turn.action}")
+            lines.append(turn.observation)
+    lines += ["", f"Current observation: {state.observation}", "",
+              "Admissible commands: " + ", ".join(state.admissible_commands)]
+    return "\n".join(lines)
+
+
+def render_messages(state: AgentState, history_turns: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": render_user_message(state, history_turns)},
+    ]
+
+
+def render_prompt(tokenizer, state: AgentState, history_turns: int) -> str:
+    """The full prompt text, through the model's chat template, ready for generation."""
+    return tokenizer.apply_chat_template(
+        render_messages(state, history_turns), tokenize=False, add_generation_prompt=True
+    )
+
+
+def format_response(action: str, reason: str | None = None) -> str:
+    """A response in the policy's format (the expert's demonstrations are written this way)."""
+    return (f"REASON: {reason}\n" if reason else "") + f"ACTION: {action}"
+
+
+def parse_action(response: str) -> str | None:
+    """The command after the first `ACTION:` line, normalised; None if there is none."""
+    match = _ACTION_RE.search(response)
+    if not match:
+        return None
+    command = " ".join(match.group(1).split()).strip("`\"'").rstrip(".").strip().lower()
+    return command or None

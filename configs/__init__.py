@@ -1,0 +1,116 @@
+"""Run configuration: YAML file + `key=value` overrides, checked against `configs.schema`.
+
+    cfg = load_config(["--config", "configs/default.yaml", "eval.num_games=4"])
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from configs.schema import AGENTS, DEVICES, DTYPES, ENGINES, MODES, SPLITS, Config
+
+CONFIG_DIR = Path(__file__).resolve().parent
+REPO_ROOT = CONFIG_DIR.parent
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "cache_dir", "REPO_ROOT"]
+
+
+def cache_dir() -> Path:
+    """Where unpacked games and converted models live: $AGENTPRM_CACHE, else ~/.cache/agentprm."""
+    return Path(os.environ.get("AGENTPRM_CACHE", "~/.cache/agentprm")).expanduser()
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one line before any work starts."""
+
+
+def load_config(argv: list[str]) -> DictConfig:
+    """Merge schema defaults, a YAML file (`--config PATH`) and `key=value` overrides."""
+    path, overrides = DEFAULT_CONFIG, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if not args:
+                raise ConfigError("--config needs a file path")
+            path = Path(args.pop(0))
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use key=value (e.g. mode=eval) or --config FILE")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(overrides)
+        )
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    """omegaconf's messages span several lines (message, full_key, object_type); keep the gist."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    msg = lines[0] if lines else type(e).__name__
+    return f"config: {msg}" + (f" (key: {key})" if key and key not in msg else "")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {msg}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Values the type system cannot catch: choices, ranges, files that must exist."""
+    _one_of(cfg.mode, MODES, "mode")
+    _one_of(cfg.eval.split, SPLITS, "eval.split")
+    _one_of(cfg.demos.split, SPLITS, "demos.split")
+    _one_of(cfg.rollout.agent, AGENTS, "rollout.agent")
+    _one_of(cfg.policy.engine, ENGINES, "policy.engine")
+    _one_of(cfg.policy.device, DEVICES, "policy.device")
+    _one_of(cfg.policy.dtype, DTYPES, "policy.dtype")
+    for key in ("rollout.num_workers", "rollout.envs_per_worker", "policy.replicas",
+                "policy.max_batch_size", "policy.max_new_tokens", "env.max_steps",
+                "eval.episodes_per_game"):
+        _check(OmegaConf.select(cfg, key) >= 1, f"{key} must be at least 1")
+    for key in ("eval.num_games", "demos.num_games"):
+        n = OmegaConf.select(cfg, key)
+        _check(n is None or n >= 1, f"{key} must be at least 1 (or null for all games)")
+    _check(cfg.prompt.history_turns >= 0, "prompt.history_turns must be >= 0")
+    _check(cfg.policy.temperature >= 0, "policy.temperature must be >= 0")
+    _check(0 < cfg.policy.top_p <= 1, "policy.top_p must be in (0, 1]")
+    _check(cfg.rollout.num_cpus >= 0 and cfg.policy.num_cpus >= 0, "num_cpus must be >= 0")
+    _check(cfg.policy.num_gpus >= 0, "policy.num_gpus must be >= 0")
+    if cfg.policy.device == "cuda":
+        _check(cfg.policy.num_gpus > 0, "policy.device=cuda needs policy.num_gpus > 0")
+    # Files: the model (unless only the expert or random agent acts, they still render
+    # prompts with its tokenizer) and the games.
+    from envs.data import DataError, resolve_data_root
+    from policy_server.models import ModelError, resolve_model
+
+    try:
+        resolve_model(cfg.policy.model, check_only=True)
+        resolve_data_root(cfg.data.archive, check_only=True)
+    except (ModelError, DataError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the resolved config beside the run's outputs, so the run can be reproduced."""
+    path = run_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

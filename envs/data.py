@@ -1,0 +1,106 @@
+"""ALFWorld games on disk: where they are, which splits exist, what task each game is.
+
+Layout (what `alfworld-download` writes, and what the shipped archive unpacks to):
+    $ALFWORLD_DATA/json_2.1.1/{train,valid_seen,valid_unseen}/<task>/<trial>/game.tw-pddl
+Games are filtered exactly as alfworld's AlfredTWEnv does, and returned sorted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs import REPO_ROOT, cache_dir
+
+SPLIT_DIRS = {
+    "train": "train",
+    "eval_in_distribution": "valid_seen",
+    "eval_out_of_distribution": "valid_unseen",
+}
+# alfworld's task-type names -> the short names used in reports (METHOD.md's six types).
+TASK_TYPES = {
+    "pick_and_place_simple": "pick",
+    "look_at_obj_in_light": "look",
+    "pick_clean_then_place_in_recep": "clean",
+    "pick_heat_then_place_in_recep": "heat",
+    "pick_cool_then_place_in_recep": "cool",
+    "pick_two_obj_and_place": "pick_two",
+}
+
+
+class DataError(RuntimeError):
+    """The games are missing or malformed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Game:
+    game_id: str  # "<task folder>/<trial folder>", unique within a split
+    path: str  # the game.tw-pddl file
+    task_type: str  # one of TASK_TYPES' short names
+
+
+def resolve_data_root(archive: str, check_only: bool = False) -> Path:
+    """The ALFWorld data folder: $ALFWORLD_DATA, else the archive unpacked once into the cache."""
+    if os.environ.get("ALFWORLD_DATA"):
+        root = Path(os.environ["ALFWORLD_DATA"]).expanduser()
+        if not (root / "json_2.1.1").is_dir():
+            raise DataError(f"ALFWORLD_DATA={root} has no json_2.1.1/ folder: run `alfworld-download` or unset it")
+        return root
+    root = cache_dir() / "alfworld-data"
+    if (root / "json_2.1.1").is_dir():
+        return root
+    archive_path = Path(archive) if Path(archive).is_absolute() else REPO_ROOT / archive
+    if not archive_path.is_file():
+        raise DataError(
+            f"no ALFWorld games: set $ALFWORLD_DATA (fill it with `alfworld-download`) "
+            f"or point data.archive at the games archive (not found: {archive_path})"
+        )
+    if check_only:
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(tmp, filter="data")
+    inner = tmp / "alfworld-data"  # the archive holds one top folder
+    (inner if inner.is_dir() else tmp).rename(root)
+    if tmp.exists():
+        tmp.rmdir()
+    return root
+
+
+def list_games(split: str, root: Path) -> list[Game]:
+    """The split's solvable games, sorted by id (alfworld returns them in file-system order)."""
+    if split not in SPLIT_DIRS:
+        raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_DIRS)}")
+    split_dir = root / "json_2.1.1" / SPLIT_DIRS[split]
+    if not split_dir.is_dir():
+        raise DataError(f"split {split} is missing: {split_dir} does not exist")
+    games = []
+    for traj in sorted(split_dir.glob("*/*/traj_data.json")):
+        trial = traj.parent
+        if "movable" in str(trial) or "Sliced" in str(trial):
+            continue  # alfworld does not support these
+        game_file = trial / "game.tw-pddl"
+        if not game_file.is_file():
+            continue
+        task_type = json.loads(traj.read_text())["task_type"]
+        if task_type not in TASK_TYPES or not json.loads(game_file.read_text()).get("solvable", False):
+            continue
+        games.append(Game(f"{trial.parent.name}/{trial.name}", str(game_file), TASK_TYPES[task_type]))
+    if not games:
+        raise DataError(f"split {split} has no playable games under {split_dir}")
+    return games
+
+
+if __name__ == "__main__":
+    # `python -m envs.data --prepare`: unpack the games once and print the split sizes.
+    from configs.schema import DataConfig
+
+    if sys.argv[1:] != ["--prepare"]:
+        sys.exit("usage: python -m envs.data --prepare")
+    data_root = resolve_data_root(DataConfig().archive)
+    for name in SPLIT_DIRS:
+        print(f"alfworld {name}: {len(list_games(name, data_root))} games in {data_root}")

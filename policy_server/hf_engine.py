@@ -1,0 +1,130 @@
+"""transformers inference engine: batched sampling with a KV cache, on CPU or CUDA.
+
+A small decode loop instead of `model.generate`, for what the policy server needs and
+`generate` does not give together: per-request sampling parameters and seeds inside one
+batch, token log-probabilities, stop strings, and n samples that share one prefill.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policy_server.engine import Generation, SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class HFEngine:
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32",
+                 trust_remote_code: bool = False, seed: int = 0):
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        ).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        self._default_rng = torch.Generator(device=self.device).manual_seed(seed)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[list[Generation]]:
+        """Sample each prompt's `n` continuations; one prefill per prompt, one batch for all."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        if not prompts:
+            return []
+        # Rows: prompt i repeated n_i times. Each seeded prompt owns a generator; its samples
+        # draw from it in row order, so results do not depend on what else is in the batch.
+        row_prompt = [i for i, p in enumerate(per_prompt) for _ in range(p.n)]
+        rngs = [torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None
+                else self._default_rng for p in per_prompt]
+        row_params = [per_prompt[i] for i in row_prompt]
+        temperature = torch.tensor([p.temperature for p in row_params], device=self.device)
+        top_p = torch.tensor([p.top_p for p in row_params], device=self.device)
+
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        mask = enc.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        expand = torch.tensor(row_prompt, device=self.device)
+        cache.batch_select_indices(expand)
+        logits = out.logits[:, -1, :].float()[expand]
+        mask, next_pos = mask[expand], positions[expand, -1] + 1
+
+        rows = list(range(len(row_prompt)))  # original row index of each live batch row
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        results: list[Generation | None] = [None] * len(rows)
+        while rows:
+            live = torch.tensor(rows, device=self.device)
+            chosen = self._sample(logits, temperature[live], top_p[live], [rngs[row_prompt[r]] for r in rows])
+            chosen_logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
+            keep = []
+            for b, r in enumerate(rows):
+                token = int(chosen[b])
+                tokens[r].append(token)
+                logprobs[r].append(float(chosen_logprobs[b]))
+                done = self._finished(tokens[r], row_params[r])
+                if done:
+                    results[r] = Generation(done[0], tokens[r], logprobs[r], done[1])
+                else:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                chosen, mask, next_pos = chosen[idx], mask[idx], next_pos[idx]
+                rows = [rows[b] for b in keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :].float(), next_pos + 1
+
+        grouped: list[list[Generation]] = [[] for _ in prompts]
+        for r, i in enumerate(row_prompt):
+            grouped[i].append(results[r])
+        return grouped
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                rngs: list[torch.Generator]) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if bool((temperature == 0).all()):
+            return greedy
+        probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]  # nucleus: keep the top mass
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        picks = torch.stack([torch.multinomial(sorted_probs[b], 1, generator=rngs[b])[0]
+                             for b in range(len(rngs))])
+        sampled = order.gather(1, picks[:, None])[:, 0]
+        return torch.where(temperature == 0, greedy, sampled)
+
+    def _finished(self, tokens: list[int], params: SamplingParams) -> tuple[str, str] | None:
+        """(text, finish reason) once a row is done, else None."""
+        if tokens[-1] in self.eos_ids:
+            return self.tokenizer.decode(tokens[:-1], skip_special_tokens=True), "stop"
+        if params.stop or len(tokens) >= params.max_tokens:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            hits = [text.index(s) for s in params.stop if s in text]
+            if hits:
+                return text[: min(hits)], "stop"
+            if len(tokens) >= params.max_tokens:
+                return text, "length"
+        return None

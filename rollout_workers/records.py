@@ -1,0 +1,82 @@
+"""Step records: the one schema every stage reads and writes, stored as Parquet shards.
+
+One row per environment step. A run keeps one shard per finished episode under
+`<run_dir>/episodes/`, written atomically as the episode completes, so a crash loses only
+the episodes in flight and a re-run skips the shards that exist.
+
+| column               | meaning                                                            |
+|----------------------|--------------------------------------------------------------------|
+| game_id              | "<task folder>/<trial folder>" of the ALFWorld game                |
+| task_type            | pick, look, clean, heat, cool or pick_two                          |
+| episode_id           | "<game_id>#<episode index>", unique within a run                   |
+| step                 | 0, 1, ... within the episode                                       |
+| prompt               | the full prompt the policy saw (chat template applied)             |
+| response             | the policy's text (the expert's is "ACTION: <command>")            |
+| action               | the command sent to the game (the parsed one, else the raw text)   |
+| valid                | the response parsed and its command was admissible                 |
+| observation          | what the game answered to the action                               |
+| reward               | 1.0 on the step that wins the game, else 0.0                        |
+| done                 | the episode ended here (won, or the step limit)                    |
+| won                  | the game was won at this step (only ever on the last step)         |
+| policy_version       | weights version that wrote the response; -1 for expert and random  |
+| worker_id            | the rollout worker that played the episode                         |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("game_id", pa.string()), ("task_type", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
+    ("prompt", pa.string()), ("response", pa.string()), ("action", pa.string()), ("valid", pa.bool_()),
+    ("observation", pa.string()), ("reward", pa.float32()), ("done", pa.bool_()), ("won", pa.bool_()),
+    ("policy_version", pa.int32()), ("worker_id", pa.int32()),
+])
+
+
+@dataclass
+class StepRecord:
+    game_id: str
+    task_type: str
+    episode_id: str
+    step: int
+    prompt: str
+    response: str
+    action: str
+    valid: bool
+    observation: str
+    reward: float
+    done: bool
+    won: bool
+    policy_version: int
+    worker_id: int
+
+
+assert [f.name for f in fields(StepRecord)] == SCHEMA.names, "StepRecord and SCHEMA must list the same columns"
+
+
+def shard_path(episodes_dir: Path, episode_id: str) -> Path:
+    return episodes_dir / (episode_id.replace("/", "__").replace("#", "__ep") + ".parquet")
+
+
+def write_episode(episodes_dir: Path, steps: list[StepRecord]) -> Path:
+    """Write one finished episode as a shard (temp file + rename: never a half-written shard)."""
+    path = shard_path(episodes_dir, steps[0].episode_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist([asdict(s) for s in steps], schema=SCHEMA), tmp)
+    tmp.rename(path)
+    return path
+
+
+def read_steps(episodes_dir: Path) -> pa.Table:
+    """All step records of a run, sorted by episode and step."""
+    paths = sorted(Path(episodes_dir).glob("*.parquet"))
+    if not paths:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths])
+    return table.sort_by([("episode_id", "ascending"), ("step", "ascending")])

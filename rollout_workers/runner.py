@@ -1,0 +1,68 @@
+"""Start rollout workers and stream episodes from them into Parquet shards."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from policy_server import SamplingParams
+from rollout_workers.records import StepRecord, shard_path, write_episode
+from rollout_workers.worker import EpisodeTask, RolloutWorker
+
+
+def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy_servers: list) -> list:
+    """`cfg.rollout.num_workers` actors, each with `cfg.rollout.envs_per_worker` environments.
+
+    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy_servers`.
+    """
+    sampling = SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
+                              max_tokens=cfg.policy.max_new_tokens)
+    actor = ray.remote(RolloutWorker).options(
+        num_cpus=cfg.rollout.num_cpus, resources=dict(cfg.rollout.resources),
+        max_concurrency=cfg.rollout.envs_per_worker,
+        max_restarts=3, max_task_retries=3,  # a crashed worker comes back and replays its episodes
+    )
+    return [
+        actor.remote(i, cfg.rollout.envs_per_worker, agent, tokenizer_path, cfg.env.max_steps,
+                     cfg.prompt.history_turns, policy_servers, sampling)
+        for i in range(cfg.rollout.num_workers)
+    ]
+
+
+def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], episodes_dir: Path,
+                 desc: str = "episodes", timeout_s: float = 3600.0) -> int:
+    """Play every task whose shard is missing; write each episode as it finishes.
+
+    Each worker gets at most `envs_per_worker` episodes at a time and a new one as soon as
+    one finishes, so fast and slow games balance across workers. Returns episodes played.
+    """
+    todo = [t for t in tasks if not shard_path(episodes_dir, t.episode_id).exists()]
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="ep", dynamic_ncols=True)
+    pending: dict[ray.ObjectRef, int] = {}  # episode future -> worker index
+    queue = list(reversed(todo))
+    for w in range(len(workers)):
+        for _ in range(envs_per_worker):
+            if queue:
+                pending[workers[w].play.remote(queue.pop())] = w
+    won = played = 0
+    last_progress = time.monotonic()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
+        if not ready:
+            if time.monotonic() - last_progress > timeout_s:
+                raise TimeoutError(f"no episode finished in {timeout_s:.0f} s; {len(pending)} in flight")
+            continue
+        worker = pending.pop(ready[0])
+        steps: list[StepRecord] = ray.get(ready[0])
+        write_episode(episodes_dir, steps)
+        played += 1
+        won += steps[-1].won
+        last_progress = time.monotonic()
+        bar.set_postfix(won=f"{won}/{played}")
+        bar.update(1)
+        if queue:
+            pending[workers[worker].play.remote(queue.pop())] = worker
+    bar.close()
+    return played

@@ -1,0 +1,86 @@
+"""Rollout worker: a Ray actor holding several ALFWorld environments.
+
+`play(task)` runs one whole episode in a free environment. The actor is async with one
+slot per environment, so while one episode awaits the policy server, the worker steps
+another; episodes of all workers meet in the policy server's batches.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from agent import AgentState, Turn, format_response, parse_action, render_prompt
+from envs import AlfworldEnv, Game
+from policy_server import SamplingParams
+from rollout_workers.records import StepRecord
+
+NOT_THE_POLICY = -1  # policy_version of expert and random steps
+
+
+@dataclass(frozen=True)
+class EpisodeTask:
+    game: Game
+    episode_index: int  # several episodes of one game are told apart by this
+    seed: int
+
+    @property
+    def episode_id(self) -> str:
+        return f"{self.game.game_id}#{self.episode_index}"
+
+
+class RolloutWorker:
+    """Use through `start_rollout_workers`. `agent` is "llm", "expert" or "random"."""
+
+    def __init__(self, worker_id: int, num_envs: int, agent: str, tokenizer_path: str, max_steps: int,
+                 history_turns: int, policy_servers: list, sampling: SamplingParams | None = None):
+        from transformers import AutoTokenizer
+
+        self.worker_id = worker_id
+        self.agent = agent
+        self.history_turns = history_turns
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.policy_servers = policy_servers
+        self.sampling = sampling
+        self._free_envs = [AlfworldEnv(max_steps=max_steps) for _ in range(num_envs)]
+        self._episodes_started = 0
+
+    async def play(self, task: EpisodeTask) -> list[StepRecord]:
+        """Play one episode to its end and return its step records."""
+        env = self._free_envs.pop()  # the actor's concurrency equals the number of environments
+        # Each episode sticks to one policy server replica (its prompts share their prefixes).
+        server = self.policy_servers[self._episodes_started % len(self.policy_servers)] if self.policy_servers else None
+        self._episodes_started += 1
+        rng = random.Random(task.seed)
+        try:
+            obs = env.reset(task.game)
+            state = AgentState(env.task, obs.text, obs.admissible_commands)
+            steps: list[StepRecord] = []
+            while True:
+                prompt = render_prompt(self.tokenizer, state, self.history_turns)
+                response, version = await self._act(prompt, state, env, server, rng, task.seed + len(steps))
+                command = parse_action(response)
+                valid = command is not None and command in state.admissible_commands
+                action = command if command is not None else response.strip()
+                obs = env.step(action)
+                steps.append(StepRecord(
+                    game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,
+                    step=len(steps), prompt=prompt, response=response, action=action, valid=valid,
+                    observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
+                    policy_version=version, worker_id=self.worker_id,
+                ))
+                if obs.done:
+                    return steps
+                state.history.append(Turn(action, obs.text))
+                state.observation, state.admissible_commands = obs.text, obs.admissible_commands
+        finally:
+            env.close()
+            self._free_envs.append(env)
+
+    async def _act(self, prompt: str, state: AgentState, env: AlfworldEnv, server, rng: random.Random,
+                   seed: int) -> tuple[str, int]:
+        if self.agent == "expert":
+            return format_response(env.expert_action()), NOT_THE_POLICY
+        if self.agent == "random":
+            return format_response(rng.choice(state.admissible_commands)), NOT_THE_POLICY
+        result = await server.generate.remote([prompt], replace(self.sampling, seed=seed))
+        return result.generations[0][0].text, result.policy_version

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a virtual environment in .venv with the project and its
+# dependencies, the ALFWorld games and the embedded model (both cached once).
+# Idempotent: re-running skips what is already installed.
+#   scripts/setup.sh          # the project
+#   scripts/setup.sh test     # the project and its test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+    python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+stamp="$venv/.agentprm-installed-${extras:-base}"
+want="$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$py" -m pip install -q --upgrade pip
+    # torch first: any other route to torch pulls the newest CUDA build (several GB).
+    "$py" -m pip install -q torch==2.13.0
+    "$py" -m pip install -q --no-deps -r requirements/alfworld.txt
+    if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
+    "$py" -m pip install -q -e "$spec"
+    echo "$want" > "$stamp"
+fi
+# Data and model assets: unpacked / converted once into the cache folder.
+"$py" -m envs.data --prepare
+"$py" -m policy_server.models --prepare
