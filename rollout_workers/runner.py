@@ -60,8 +60,8 @@ def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], 
         played += 1
         won += steps[-1].won
         last_progress = time.monotonic()
-        bar.set_postfix(won=f"{won}/{played}")
         bar.update(1)
+        bar.set_postfix(won=f"{won}/{played}")
         if queue:
             pending[workers[worker].play.remote(queue.pop())] = worker
     bar.close()

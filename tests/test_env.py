@@ -1,0 +1,46 @@
+"""The ALFWorld adapter on real games."""
+import pytest
+
+from envs import TASK_TYPES, AlfworldEnv, DataError, list_games
+
+
+def test_splits_are_sorted_and_typed(data_root, ood_games):
+    ids = [g.game_id for g in ood_games]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert len(ood_games) == 134  # the paper's evaluation set, in the shipped copy
+    assert {g.task_type for g in ood_games} == set(TASK_TYPES.values())
+    assert len(list_games("eval_in_distribution", data_root)) == 140
+
+
+def test_unknown_split_is_a_clear_error(data_root):
+    with pytest.raises(DataError, match="unknown split 'valid'"):
+        list_games("valid", data_root)
+
+
+def test_expert_wins_a_real_game(ood_games):
+    env = AlfworldEnv(max_steps=50)
+    obs = env.reset(ood_games[0])
+    assert env.task.startswith("examine the alarmclock")
+    assert "go to desk 1" in obs.admissible_commands and "help" not in obs.admissible_commands
+    steps = 0
+    while not obs.done:
+        command = env.expert_action()
+        assert command in obs.admissible_commands or command == "look"
+        obs = env.step(command)
+        steps += 1
+    assert obs.won and env.steps == steps < 50
+    env.close()
+
+
+def test_step_limit_and_invalid_commands(ood_games):
+    env = AlfworldEnv(max_steps=3)
+    env.reset(ood_games[1])
+    first = env.step("fly to the moon")
+    assert first.text == "Nothing happens." and not first.done
+    assert not env.step("look").done
+    last = env.step("inventory")
+    assert last.done and not last.won  # the step limit ends the episode, unwon
+    # reset switches games and restarts the count
+    env.reset(ood_games[0])
+    assert env.steps == 0 and not env.step("look").done
+    env.close()

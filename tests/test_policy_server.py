@@ -1,0 +1,107 @@
+"""The transformers engine and the policy server actor, on a tiny random model."""
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policy_server import PolicyServer, SamplingParams
+from policy_server.hf_engine import HFEngine
+
+PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\n<|im_start|>assistant\n",
+           "<|im_start|>user\nACTION: look<|im_end|>\n<|im_start|>assistant\n",
+           "You arrive at shelf 1."]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return HFEngine(tiny_model, device="cpu", seed=0)
+
+
+def test_greedy_matches_transformers_generate(engine, tiny_model):
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for prompt, (gen,) in zip(PROMPTS, outputs):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert gen.token_ids == ref[:len(gen.token_ids)]
+        assert len(gen.logprobs) == len(gen.token_ids) and all(lp <= 0 for lp in gen.logprobs)
+        assert gen.finish_reason in ("stop", "length")
+
+
+def test_logprobs_are_the_models(engine, tiny_model):
+    (gen,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=5, temperature=1.0, seed=3))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False).input_ids
+    full = torch.cat([ids, torch.tensor([gen.token_ids])], dim=1)
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(full).logits[0, ids.shape[1] - 1:-1].float(), -1)
+    expected = logp.gather(1, torch.tensor(gen.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(gen.logprobs), expected, atol=1e-4)
+
+
+def test_n_samples_and_seeds(engine):
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=11)
+    (alone,) = engine.generate(PROMPTS[:1], params)
+    assert len(alone) == 4 and len({tuple(g.token_ids) for g in alone}) > 1
+    # the same seed gives the same samples, whatever else shares the batch
+    mixed = engine.generate(PROMPTS, [params, SamplingParams(n=2, temperature=0.7), SamplingParams(max_tokens=3)])
+    assert [g.token_ids for g in mixed[0]] == [g.token_ids for g in alone]
+    assert [len(m) for m in mixed] == [4, 2, 1]
+    other = engine.generate(PROMPTS[:1], SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=12))
+    assert [g.token_ids for g in other[0]] != [g.token_ids for g in alone]
+
+
+def test_max_tokens_and_stop_strings(engine):
+    (gen,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=7))
+    assert len(gen.token_ids) <= 7
+    if gen.finish_reason == "length":
+        assert len(gen.token_ids) == 7
+    # stop at the first character the model writes: text must be cut before it
+    (free,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=20, temperature=1.0, seed=5))
+    assert free.text, "the tiny model must write something for this test"
+    stop = free.text.strip()[:1] or free.text[:1]
+    (cut,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=20, temperature=1.0, seed=5, stop=(stop,)))
+    assert stop not in cut.text and cut.finish_reason == "stop" and free.text.startswith(cut.text)
+
+
+def test_load_weights_changes_generations(tiny_model, tmp_path):
+    from tests.conftest import build_tiny_model
+
+    engine = HFEngine(tiny_model, device="cpu")
+    before = engine.generate(PROMPTS, SamplingParams(max_tokens=10))
+    other = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "other", seed=1))
+    engine.load_weights(other.state_dict())
+    after = engine.generate(PROMPTS, SamplingParams(max_tokens=10))
+    assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
+    fresh = HFEngine(str(tmp_path / "other"), device="cpu")
+    assert [g[0].token_ids for g in fresh.generate(PROMPTS, SamplingParams(max_tokens=10))] == \
+           [g[0].token_ids for g in after]
+
+
+def test_server_batches_concurrent_requests(ray_local, tiny_model):
+    server = ray.remote(PolicyServer).options(max_concurrency=100).remote(
+        tiny_model, device="cpu", max_batch_size=64, batch_wait_ms=200)
+    params = SamplingParams(max_tokens=6)
+    refs = [server.generate.remote([p], params) for p in PROMPTS * 4]
+    results = ray.get(refs, timeout=120)
+    stats = ray.get(server.get_stats.remote(), timeout=30)
+    assert stats["requests"] == 12 and stats["batches"] < 12  # requests were merged
+    unbatched = HFEngine(tiny_model, device="cpu").generate(PROMPTS, params)
+    for i, result in enumerate(results):
+        assert result.generations[0][0].token_ids == unbatched[i % 3][0].token_ids
+        assert result.policy_version == 0
+
+
+def test_server_weight_update_bumps_version(ray_local, tiny_model, tmp_path):
+    from tests.conftest import build_tiny_model
+
+    server = ray.remote(PolicyServer).options(max_concurrency=100).remote(tiny_model, device="cpu")
+    params = SamplingParams(max_tokens=8)
+    before = ray.get(server.generate.remote(PROMPTS, params), timeout=60)
+    weights = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v1", seed=2)).state_dict()
+    assert ray.get(server.update_weights.remote(weights, 1), timeout=60) == 1
+    after = ray.get(server.generate.remote(PROMPTS, params), timeout=60)
+    assert ray.get(server.get_version.remote(), timeout=30) == 1 and after.policy_version == 1
+    assert [g[0].token_ids for g in after.generations] != [g[0].token_ids for g in before.generations]
