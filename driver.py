@@ -48,7 +48,10 @@ def init_ray(cfg: DictConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     cpus = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus
-    resources = {k: v * cfg.rollout.num_workers for k, v in cfg.rollout.resources.items()}
+    resources: dict[str, float] = {}  # the custom resources the actors ask for, so none waits forever
+    for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers), (cfg.policy.resources, cfg.policy.replicas)):
+        for key, amount in per_actor.items():
+            resources[key] = resources.get(key, 0) + amount * count
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), resources=resources,
              object_store_memory=int(cfg.ray.object_store_memory_gb * 2**30), runtime_env=runtime_env,
              include_dashboard=False)

@@ -47,6 +47,8 @@ class PolicyConfig:
     num_cpus: float = 1.0  # Ray CPUs per replica
     torch_threads: Optional[int] = None  # CPU threads of the engine; null = num_cpus (at least 1)
     num_gpus: float = 0.0  # Ray GPUs per replica
+    # Custom Ray resources every replica requests (cluster.yaml gives them to GPU nodes).
+    resources: dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 32  # prompts per engine call; concurrent requests are merged up to this
     batch_wait_ms: float = 5.0  # how long a batch waits for more requests once the engine is free
     # Sampling for acting (evaluation uses these as given; temperature 0 = greedy).

@@ -40,8 +40,10 @@ def resolve_model(name: str, check_only: bool = False) -> str:
         raise ModelError(f"model not found: {name} (expected {EMBEDDED!r}, a Hugging Face folder, or org/name)")
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise ModelError(f"model {name} is not in the local Hugging Face cache and cannot be downloaded here")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelError(f"model {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                         "(set HF_HUB_OFFLINE=0 where the hub is reachable)")
     return name
 
 

@@ -111,7 +111,8 @@ class PolicyServer:
 def start_policy_servers(policy_cfg, model_path: str, seed: int) -> list:
     """`policy_cfg.replicas` server actors with the configured resources; returns their handles."""
     actor = ray.remote(PolicyServer).options(
-        num_cpus=policy_cfg.num_cpus, num_gpus=policy_cfg.num_gpus, max_concurrency=1000,
+        num_cpus=policy_cfg.num_cpus, num_gpus=policy_cfg.num_gpus, resources=dict(policy_cfg.resources),
+        max_concurrency=1000,
     )
     return [
         actor.remote(model_path, engine=policy_cfg.engine, device=policy_cfg.device, dtype=policy_cfg.dtype,

@@ -1,0 +1,54 @@
+"""Configuration: overrides, saved config, one-line errors before any work starts."""
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from configs import REPO_ROOT, ConfigError, load_config, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(["eval.num_games=3", "rollout.num_workers=4", "policy.temperature=0.3"])
+    assert (cfg.eval.num_games, cfg.rollout.num_workers, cfg.policy.temperature) == (3, 4, 0.3)
+    assert cfg.env.max_steps == 50 and cfg.eval.split == "eval_out_of_distribution"
+    saved = OmegaConf.load(save_config(cfg, tmp_path))
+    assert saved == cfg
+
+
+@pytest.mark.parametrize("args,message", [
+    (["rollout.nums_workers=2"], "rollout.nums_workers"),
+    (["rollout.num_workers=two"], "rollout.num_workers"),
+    (["rollout.num_workers=0"], "rollout.num_workers must be at least 1"),
+    (["env.max_steps=0"], "env.max_steps must be at least 1"),
+    (["eval.split=valid_unseen"], "eval.split='valid_unseen' is not one of"),
+    (["mode=train"], "mode='train' is not one of"),
+    (["policy.model=no/such-model"], "model no/such-model is not in the local Hugging Face cache"),
+    (["policy.model=./missing-folder"], "model not found: ./missing-folder"),
+    (["policy.top_p=0"], "policy.top_p must be in (0, 1]"),
+    (["eval.num_games=0"], "eval.num_games must be at least 1"),
+    (["numworkers"], "unexpected argument 'numworkers'"),
+    (["--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+])
+def test_bad_config_is_one_clear_line(args, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(args)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_missing_games_archive_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("AGENTPRM_CACHE", str(tmp_path))  # nothing unpacked there
+    with pytest.raises(ConfigError, match="no ALFWorld games"):
+        load_config(["data.archive=missing.tar.xz"])
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="has no json_2.1.1/ folder"):
+        load_config([])
+
+
+def test_driver_exits_before_ray_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "driver.py", "rollout.num_workers=0", f"run_dir={tmp_path}/run"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: config: rollout.num_workers must be at least 1"
+    assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
