@@ -25,6 +25,9 @@ _ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENAB
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -57,9 +60,12 @@ def init_ray(cfg: DictConfig) -> None:
              include_dashboard=False)
 
 
-def play_and_report(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agent: str,
-                    episodes_per_game: int) -> dict:
-    """Play `episodes_per_game` episodes of the split's first `num_games` games; report success."""
+def play(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agent: str,
+         episodes_per_game: int) -> tuple[pa.Table, dict]:
+    """Play `episodes_per_game` episodes of the split's first `num_games` games.
+
+    Returns the episodes' step records and their report (success overall and per task type).
+    """
     games = list_games(split, resolve_data_root(cfg.data.archive))[:num_games]
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
              for g in games for e in range(episodes_per_game)]
@@ -68,15 +74,15 @@ def play_and_report(cfg: DictConfig, run_dir: Path, split: str, num_games: int |
     workers = start_rollout_workers(cfg, agent, model_path, servers)
     start = time.time()
     run_episodes(workers, cfg.rollout.envs_per_worker, tasks, run_dir / "episodes", desc=f"{agent} on {split}")
-    report = summarize(read_steps(run_dir / "episodes"))
+    steps = read_steps(run_dir / "episodes", [t.episode_id for t in tasks])
+    report = summarize(steps)
     report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
                   model=cfg.policy.model if agent == "llm" else None, wall_time_s=time.time() - start)
-    return report
+    return steps, report
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    report = play_and_report(cfg, run_dir, cfg.eval.split, cfg.eval.num_games, cfg.rollout.agent,
-                             cfg.eval.episodes_per_game)
+    _, report = play(cfg, run_dir, cfg.eval.split, cfg.eval.num_games, cfg.rollout.agent, cfg.eval.episodes_per_game)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
@@ -84,11 +90,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    report = play_and_report(cfg, run_dir, cfg.demos.split, cfg.demos.num_games, "expert", 1)
-    steps = read_steps(run_dir / "episodes")
+    steps, report = play(cfg, run_dir, cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")
@@ -110,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    try:
+        save_config(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"run directory: {run_dir}", flush=True)
     init_ray(cfg)
     try:

@@ -110,7 +110,23 @@ def validate(cfg: DictConfig) -> None:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """Write the resolved config beside the run's outputs, so the run can be reproduced."""
+    """Write the resolved config beside the run's outputs, so the run can be reproduced.
+
+    A run directory that already holds a run with another config is refused: resuming
+    into it would mix the two runs' episodes.
+    """
     path = run_dir / "config.yaml"
+    if path.is_file():
+        changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(path)), OmegaConf.to_container(cfg))
+        if changed:
+            raise ConfigError(f"config: {run_dir} holds a run with a different config ({', '.join(changed)}); "
+                              "use another run_dir")
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]

@@ -73,9 +73,12 @@ def write_episode(episodes_dir: Path, steps: list[StepRecord]) -> Path:
     return path
 
 
-def read_steps(episodes_dir: Path) -> pa.Table:
-    """All step records of a run, sorted by episode and step."""
-    paths = sorted(Path(episodes_dir).glob("*.parquet"))
+def read_steps(episodes_dir: Path, episode_ids: list[str] | None = None) -> pa.Table:
+    """The step records of the given episodes (default: all in the folder), by episode and step."""
+    if episode_ids is None:
+        paths = sorted(Path(episodes_dir).glob("*.parquet"))
+    else:
+        paths = [p for p in sorted(shard_path(episodes_dir, e) for e in set(episode_ids)) if p.exists()]
     if not paths:
         return SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths])

@@ -52,3 +52,11 @@ def test_driver_exits_before_ray_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config: rollout.num_workers must be at least 1"
     assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_keeps_its_config(tmp_path):
+    cfg = load_config(["eval.num_games=3"])
+    save_config(cfg, tmp_path)
+    save_config(cfg, tmp_path)  # the same config: a resume
+    with pytest.raises(ConfigError, match=r"different config \(eval.num_games, seed\); use another run_dir"):
+        save_config(load_config(["eval.num_games=4", "seed=1"]), tmp_path)
