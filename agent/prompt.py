@@ -69,6 +69,16 @@ def format_response(action: str, reason: str | None = None) -> str:
     return (f"REASON: {reason}\n" if reason else "") + f"ACTION: {action}"
 
 
+def command_to_send(response: str) -> str:
+    """What goes to the game: the parsed command, else the response's first line (a command
+    is one line; the game answers "Nothing happens." to anything it does not know)."""
+    command = parse_action(response)
+    if command is not None:
+        return command
+    lines = response.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def parse_action(response: str) -> str | None:
     """The command after the first `ACTION:` line, normalised; None if there is none."""
     match = _ACTION_RE.search(response)

@@ -28,7 +28,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from agent import AgentState, Turn, format_response, parse_action, render_prompt  # noqa: E402
+from agent import AgentState, Turn, command_to_send, format_response, render_prompt  # noqa: E402
 from configs import REPO_ROOT, load_config  # noqa: E402
 from envs import AlfworldEnv, list_games, resolve_data_root  # noqa: E402
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
@@ -52,10 +52,10 @@ def plain_loop(agent: str, games, cfg, model_path: str) -> dict:
                 response = engine.generate([prompt], params)[0][0].text
             else:
                 response = format_response(rng.choice(state.admissible_commands))
-            command = parse_action(response)
-            obs = env.step(command if command is not None else response.strip())
+            command = command_to_send(response)
+            obs = env.step(command)
             steps += 1
-            state.history.append(Turn(command or response, obs.text))
+            state.history.append(Turn(command, obs.text))
             state.observation, state.admissible_commands = obs.text, obs.admissible_commands
     env.close()
     return figures("plain loop", steps, len(games), time.perf_counter() - start, 0.0)

@@ -59,7 +59,8 @@ class HFEngine:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         mask = enc.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)  # the LM head on the last position only
         cache = out.past_key_values
         expand = torch.tensor(row_prompt, device=self.device)
         cache.batch_select_indices(expand)

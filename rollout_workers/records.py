@@ -12,7 +12,7 @@ the episodes in flight and a re-run skips the shards that exist.
 | step                 | 0, 1, ... within the episode                                       |
 | prompt               | the full prompt the policy saw (chat template applied)             |
 | response             | the policy's text (the expert's is "ACTION: <command>")            |
-| action               | the command sent to the game (the parsed one, else the raw text)   |
+| action               | the command sent to the game (parsed, else the first line)         |
 | valid                | the response parsed and its command was admissible                 |
 | observation          | what the game answered to the action                               |
 | reward               | 1.0 on the step that wins the game, else 0.0                        |

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from agent import AgentState, Turn, format_response, parse_action, render_prompt
+from agent import AgentState, Turn, command_to_send, format_response, parse_action, render_prompt
 from envs import AlfworldEnv, Game
 from policy_server import SamplingParams
 from rollout_workers.records import StepRecord
@@ -58,9 +58,8 @@ class RolloutWorker:
             while True:
                 prompt = render_prompt(self.tokenizer, state, self.history_turns)
                 response, version = await self._act(prompt, state, env, server, rng, task.seed + len(steps))
-                command = parse_action(response)
-                valid = command is not None and command in state.admissible_commands
-                action = command if command is not None else response.strip()
+                action = command_to_send(response)
+                valid = parse_action(response) is not None and action in state.admissible_commands
                 obs = env.step(action)
                 steps.append(StepRecord(
                     game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,

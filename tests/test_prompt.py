@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from agent import AgentState, Turn, format_response, parse_action, render_messages, render_prompt
+from agent import AgentState, Turn, command_to_send, format_response, parse_action, render_messages, render_prompt
 from envs import AlfworldEnv
 
 
@@ -43,3 +43,12 @@ def test_render_keeps_recent_history_and_uses_chat_template(tiny_model):
     prompt = render_prompt(AutoTokenizer.from_pretrained(tiny_model), state, history_turns=2)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert user in prompt
+
+
+@pytest.mark.parametrize("response,sent", [
+    ("REASON: the desk.\nACTION: go to desk 1", "go to desk 1"),
+    ("I will go to the desk.\nThen look around.", "I will go to the desk."),  # invalid: the first line goes
+    ("  \n", ""),
+])
+def test_command_to_send(response, sent):
+    assert command_to_send(response) == sent
