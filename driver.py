@@ -12,6 +12,7 @@ with the same `run_dir=` resumes: finished episodes are not played again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -50,14 +51,20 @@ def init_ray(cfg: DictConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # A local Ray offers what the job's actors ask for, so none of them waits forever.
     cpus = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus
-    resources: dict[str, float] = {}  # the custom resources the actors ask for, so none waits forever
-    for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers), (cfg.policy.resources, cfg.policy.replicas)):
+    resources: dict[str, float] = {}
+    for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers),
+                             (cfg.policy.resources, cfg.policy.replicas)):
         for key, amount in per_actor.items():
             resources[key] = resources.get(key, 0) + amount * count
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), resources=resources,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), resources=resources,
              object_store_memory=int(cfg.ray.object_store_memory_gb * 2**30), runtime_env=runtime_env,
              include_dashboard=False)
+    needed, have = cfg.policy.replicas * cfg.policy.num_gpus, ray.cluster_resources().get("GPU", 0)
+    if needed > have:
+        ray.shutdown()
+        raise ConfigError(f"config: the policy servers need {needed:g} GPUs and this machine has {have:g}")
 
 
 def play(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agent: str,
@@ -107,18 +114,14 @@ MODES = {"eval": evaluate, "demos": collect_demos}
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
+        run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
+        print(f"run directory: {run_dir}", flush=True)
+        init_ray(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run directory: {run_dir}", flush=True)
-    init_ray(cfg)
     try:
         MODES[cfg.mode](cfg, run_dir)
     finally:

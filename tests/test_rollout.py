@@ -63,3 +63,32 @@ def test_expert_and_random_rollouts(ray_local, tiny_model, ood_games, tmp_path, 
     assert all(r["valid"] and r["policy_version"] == -1 for r in rows)
     if agent == "expert":
         assert all(ep[-1]["won"] for ep in episodes.values())
+
+
+def test_a_killed_worker_loses_no_episode(ray_local, tiny_model, ood_games, tmp_path):
+    """SIGKILL-like failure of a worker mid-run: Ray restarts it and replays its episodes."""
+    import threading
+    import time
+
+    import ray
+
+    cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 25})
+    workers = start_rollout_workers(cfg, "random", tiny_model, [])
+    tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:8])]
+    episodes_dir = tmp_path / "episodes"
+    killed = threading.Event()
+
+    def kill_after_first_episode():
+        for _ in range(600):  # bounded wait for a condition: one episode on disk
+            if any(episodes_dir.glob("*.parquet")):
+                ray.kill(workers[0], no_restart=False)
+                killed.set()
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_episode)
+    killer.start()
+    run_episodes(workers, 2, tasks, episodes_dir)
+    killer.join()
+    assert killed.is_set()
+    check_episodes(read_steps(episodes_dir), tasks)
