@@ -65,7 +65,7 @@ def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
     episodes = set(demos["episode_id"].to_pylist())
     assert len(episodes) == report["demo_episodes"] and demos.num_rows == report["demo_steps"]
     assert report["split"] == "train" and report["episodes"] == 3
-    # with a 12-step limit some expert episodes lose: those are not demonstrations
+    # with a 12-step limit an expert episode may lose: losing episodes are not demonstrations
     assert 0 < len(episodes) <= 3
     won = {r["episode_id"] for r in demos.to_pylist() if r["won"]}
     assert won == episodes
