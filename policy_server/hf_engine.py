@@ -3,8 +3,13 @@
 A small decode loop instead of `model.generate`, for what the policy server needs and
 `generate` does not give together: per-request sampling parameters and seeds inside one
 batch, token log-probabilities, stop strings, and n samples that share one prefill.
+`BatchingHFEngine` is its async face: concurrent requests are merged into one decode batch.
 """
 from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,6 +43,7 @@ class HFEngine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=True)
+        self.model.eval()
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[list[Generation]]:
@@ -129,3 +135,79 @@ class HFEngine:
             if len(tokens) >= params.max_tokens:
                 return text, "length"
         return None
+
+
+@dataclass
+class _Request:
+    prompts: list[str]
+    params: list[SamplingParams]
+    future: asyncio.Future
+
+
+class BatchingHFEngine:
+    """`HFEngine` behind a queue: whatever is queued when the engine frees up (up to
+    `max_batch_size` rows, waiting at most `batch_wait_ms` for more) runs as one batch, so
+    episodes of all rollout workers share the forward passes. One engine thread runs batches
+    and weight loads one at a time."""
+
+    def __init__(self, engine: HFEngine, max_batch_size: int = 32, batch_wait_ms: float = 5.0):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._stats = {"requests": 0, "batches": 0, "prompts": 0}
+
+    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
+        if self._queue is None:  # created inside the actor's event loop
+            self._queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._batch_loop())
+        request = _Request(prompts, params, asyncio.get_running_loop().create_future())
+        self._stats["requests"] += 1
+        await self._queue.put(request)
+        return await request.future
+
+    async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.engine.load_weights, state_dict)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    async def _next_batch(self) -> list[_Request]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        rows = sum(p.n for p in batch[0].params)
+        deadline = loop.time() + self.batch_wait_s
+        while rows < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                request = self._queue.get_nowait()
+            batch.append(request)
+            rows += sum(p.n for p in request.params)
+        return batch
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            prompts = [p for r in batch for p in r.prompts]
+            params = [p for r in batch for p in r.params]
+            try:
+                outputs = await loop.run_in_executor(self._thread, self.engine.generate, prompts, params)
+            except Exception as e:  # fail the batch's requests, keep serving
+                for r in batch:
+                    r.future.set_exception(e)
+                continue
+            self._stats["batches"] += 1
+            self._stats["prompts"] += len(prompts)
+            start = 0
+            for r in batch:
+                r.future.set_result(outputs[start:start + len(r.prompts)])
+                start += len(r.prompts)

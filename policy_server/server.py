@@ -1,19 +1,23 @@
-"""The policy server: a Ray actor in front of an inference engine.
+"""The policy server: Ray actors in front of an inference engine, and one handle for all replicas.
 
 Rollout workers send small requests (one prompt per environment step) whenever they need
-them; the server merges whatever is queued into one engine batch, so generation for some
-environments overlaps with other environments stepping their games.
+them; the engine batches whatever is in flight, so generation for some environments
+overlaps with other environments stepping their games. Each result carries the policy
+version of the weights that produced it: a weight update waits for in-flight requests, holds
+new ones, loads, and bumps the version.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import itertools
+import zlib
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import ray
 import torch
 
-from policy_server.engine import Generation, SamplingParams
+from policy_server.engine import Generation, InferenceEngine, SamplingParams
 
 
 @dataclass
@@ -22,102 +26,196 @@ class GenerateResult:
     policy_version: int  # the weights that produced them
 
 
-@dataclass
-class _Request:
-    prompts: list[str]
-    params: SamplingParams
-    future: asyncio.Future
+def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> InferenceEngine:
+    """The configured engine (`policy.engine`); vLLM is imported only when asked for."""
+    if engine == "vllm":
+        from policy_server.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, dtype=policy_cfg["dtype"], trust_remote_code=policy_cfg["trust_remote_code"],
+                          seed=seed, served_model_name=policy_cfg["model"], **policy_cfg["vllm"])
+    if engine == "hf":
+        from policy_server.hf_engine import BatchingHFEngine, HFEngine
+
+        hf = HFEngine(model_path, device=policy_cfg["device"], dtype=policy_cfg["dtype"],
+                      trust_remote_code=policy_cfg["trust_remote_code"], seed=seed)
+        return BatchingHFEngine(hf, max_batch_size=policy_cfg["max_batch_size"],
+                                batch_wait_ms=policy_cfg["batch_wait_ms"])
+    raise ValueError(f"unknown engine {engine!r}")
 
 
 class PolicyServer:
-    """Use `PolicyServer.remote(...)` through `start_policy_servers`; methods are async."""
+    """One replica. Use through `start_policy_servers`, which returns a `PolicyClient`."""
 
-    def __init__(self, model_path: str, engine: str = "hf", device: str = "auto", dtype: str = "float32",
-                 trust_remote_code: bool = False, num_threads: int = 1, max_batch_size: int = 32,
-                 batch_wait_ms: float = 5.0, seed: int = 0):
-        torch.set_num_threads(max(1, num_threads))
-        if engine != "hf":
-            raise ValueError(f"unknown engine {engine!r}")
-        from policy_server.hf_engine import HFEngine
-
-        self.engine = HFEngine(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                               seed=seed)
+    def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0):
+        torch.set_num_threads(max(1, policy_cfg["torch_threads"] or int(policy_cfg["num_cpus"])))
+        self.model_path = model_path
+        self.served_model_name = policy_cfg["model"]
+        self.engine = make_engine(model_path, policy_cfg["engine"], policy_cfg, seed)
         self.version = 0
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
-        # One engine thread: batches and weight loads run one at a time, in arrival order.
-        self._engine_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._queue: asyncio.Queue[_Request] | None = None
-        self.stats = {"requests": 0, "batches": 0, "prompts": 0}
+        self._accepting = asyncio.Event()  # cleared while weights are being replaced
+        self._accepting.set()
+        self._idle = asyncio.Event()  # set when no generation is in flight
+        self._idle.set()
+        self._in_flight = 0
+        self._update_lock = asyncio.Lock()
+        self._openai = None
 
-    async def generate(self, prompts: list[str], params: SamplingParams) -> GenerateResult:
-        if self._queue is None:  # created inside the actor's event loop
-            self._queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._batch_loop())
-        request = _Request(prompts, params, asyncio.get_running_loop().create_future())
-        self.stats["requests"] += 1
-        await self._queue.put(request)
-        return await request.future
+    async def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
+        """`params` is one SamplingParams for all prompts, or one per prompt."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        await self._accepting.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return GenerateResult(await self.engine.generate(prompts, per_prompt), self.version)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            rows = batch[0].params.n * len(batch[0].prompts)
-            deadline = loop.time() + self.batch_wait_s
-            while rows < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        request = await asyncio.wait_for(self._queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    request = self._queue.get_nowait()
-                batch.append(request)
-                rows += request.params.n * len(request.prompts)
-            prompts = [p for r in batch for p in r.prompts]
-            params = [r.params for r in batch for _ in r.prompts]
-            version = self.version
-            try:
-                outputs = await loop.run_in_executor(self._engine_thread, self.engine.generate, prompts, params)
-            except Exception as e:  # fail the batch's requests, keep serving
-                for r in batch:
-                    r.future.set_exception(e)
-                continue
-            self.stats["batches"] += 1
-            self.stats["prompts"] += len(prompts)
-            start = 0
-            for r in batch:
-                r.future.set_result(GenerateResult(outputs[start:start + len(r.prompts)], version))
-                start += len(r.prompts)
-
-    async def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load new weights in place; generations after this report `version`."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._engine_thread, self.engine.load_weights, state_dict)
-        self.version = version
+        async with self._update_lock:
+            await self._hold_requests()
+            try:
+                await self.engine.load_weights(state_dict)
+                self.version = version
+            finally:
+                self._accepting.set()
         return version
+
+    async def _hold_requests(self) -> None:
+        self._accepting.clear()
+        await self._idle.wait()
+
+    # vLLM's weight-sync protocol, for trainers that stream weights with vLLM's own transfer
+    # engines (NCCL on GPU: `WeightTransferTrainerFactory` + `RayVLLMWeightSyncClient(handles)`).
+    # Between start and finish the replica holds new requests; finish bumps the version by
+    # one, and `update_weight_version` sets it exactly.
+    async def init_weight_transfer_engine(self, request) -> None:
+        await self._vllm().init_weight_transfer_engine(request)
+
+    async def start_weight_update(self) -> None:
+        await self._update_lock.acquire()
+        await self._hold_requests()
+        await self._vllm().pause_generation(mode="wait", clear_cache=True)
+        await self._vllm().start_weight_update()
+
+    async def update_weights(self, request) -> None:
+        await self._vllm().update_weights(request)
+
+    async def finish_weight_update(self) -> None:
+        try:
+            await self._vllm().finish_weight_update()
+            await self._vllm().resume_generation()
+            self.version += 1
+        finally:
+            self._accepting.set()
+            self._update_lock.release()
+
+    async def update_weight_version(self, version: str) -> None:
+        self.version = int(version)
+
+    def _vllm(self):
+        if not hasattr(self.engine, "llm"):
+            raise RuntimeError("vLLM's weight-sync protocol needs policy.engine=vllm; use load_weights")
+        return self.engine.llm
+
+    async def serve_openai(self, port: int = 0) -> str:
+        """Start the OpenAI-compatible endpoint on loopback (idempotent); returns its base URL."""
+        if self._openai is None:
+            from policy_server import openai_api
+
+            if hasattr(self.engine, "llm"):  # vLLM's own server, on this replica's engine
+                self._openai = await openai_api.serve_vllm(self.engine.llm, self.model_path,
+                                                           self.served_model_name, port)
+            else:
+                self._openai = await openai_api.serve_policy(self.generate, self.engine.engine.tokenizer,
+                                                             self.served_model_name, port)
+        return self._openai.url
 
     def get_version(self) -> int:
         return self.version
 
     def get_stats(self) -> dict[str, int]:
-        return dict(self.stats)
+        return {**self.engine.stats(), "in_flight": self._in_flight}
+
+    async def shutdown(self) -> None:
+        """Stop the endpoint and the engine's own processes (vLLM) before the actor goes."""
+        if self._openai is not None:
+            await self._openai.stop()
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
 
-def start_policy_servers(policy_cfg, model_path: str, seed: int) -> list:
-    """`policy_cfg.replicas` server actors with the configured resources; returns their handles."""
+@dataclass
+class PolicyClient:
+    """All policy server replicas behind one handle; picklable, so rollout workers hold one.
+
+    A request with a `session` (an episode id) always goes to the same replica, so an
+    episode's prompts, which share their history, hit that replica's prefix cache; requests
+    without one are spread round-robin. Weight loads go to every replica.
+    """
+    servers: list
+
+    def __post_init__(self):
+        self._turn = itertools.count()
+
+    def __getstate__(self):
+        return {"servers": self.servers}
+
+    def __setstate__(self, state):
+        self.servers = state["servers"]
+        self.__post_init__()
+
+    def replica_for(self, session: Optional[str]) -> int:
+        if session is None:
+            return next(self._turn) % len(self.servers)
+        return zlib.crc32(session.encode()) % len(self.servers)
+
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams],
+                 session: Optional[str] = None) -> ray.ObjectRef:
+        """An ObjectRef of a `GenerateResult` (await it in async code, ray.get it elsewhere)."""
+        return self.servers[self.replica_for(session)].generate.remote(prompts, params)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float = 600) -> None:
+        """Every replica loads `state_dict` (put in the object store once) and reports `version`."""
+        ref = ray.put(state_dict)
+        ray.get([s.load_weights.remote(ref, version) for s in self.servers], timeout=timeout_s)
+
+    def versions(self) -> list[int]:
+        return ray.get([s.get_version.remote() for s in self.servers], timeout=60)
+
+    def stats(self) -> list[dict[str, int]]:
+        return ray.get([s.get_stats.remote() for s in self.servers], timeout=60)
+
+    def serve_openai(self, port: int = 0) -> list[str]:
+        """Each replica's endpoint URL (replica i on `port + i`; 0 = any free port)."""
+        return ray.get([s.serve_openai.remote(port + i if port else 0) for i, s in enumerate(self.servers)],
+                       timeout=300)
+
+    def wait_ready(self, timeout_s: float = 900) -> None:
+        ray.get([s.__ray_ready__.remote() for s in self.servers], timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        ray.get([s.shutdown.remote() for s in self.servers], timeout=120)
+        for s in self.servers:
+            ray.kill(s)
+
+
+def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyClient:
+    """`policy.replicas` server actors with the configured resources, behind one `PolicyClient`."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(policy_cfg, resolve=True) if not isinstance(policy_cfg, dict) else policy_cfg
     actor = ray.remote(PolicyServer).options(
-        num_cpus=policy_cfg.num_cpus, num_gpus=policy_cfg.num_gpus, resources=dict(policy_cfg.resources),
+        num_cpus=cfg["num_cpus"], num_gpus=cfg["num_gpus"], resources=dict(cfg["resources"]),
         max_concurrency=1000,
     )
-    return [
-        actor.remote(model_path, engine=policy_cfg.engine, device=policy_cfg.device, dtype=policy_cfg.dtype,
-                     trust_remote_code=policy_cfg.trust_remote_code, num_threads=policy_cfg.torch_threads or int(policy_cfg.num_cpus),
-                     max_batch_size=policy_cfg.max_batch_size, batch_wait_ms=policy_cfg.batch_wait_ms,
-                     seed=seed + i)
-        for i in range(policy_cfg.replicas)
-    ]
+    client = PolicyClient([actor.remote(model_path, cfg, seed + i) for i in range(cfg["replicas"])])
+    if cfg["openai_port"] is not None:
+        for url in client.serve_openai(cfg["openai_port"]):
+            print(f"policy server: OpenAI-compatible endpoint at {url}", flush=True)
+    return client

@@ -1,6 +1,6 @@
 """Rollout workers: Ray actors that play ALFWorld episodes against the policy server.
 
-    workers = start_rollout_workers(cfg, "llm", tokenizer_path, policy_servers)
+    workers = start_rollout_workers(cfg, "llm", tokenizer_path, policy)
     run_episodes(workers, cfg.rollout.envs_per_worker, tasks, run_dir / "episodes")
     table = read_steps(run_dir / "episodes")     # step records, schema in records.py
 """

