@@ -34,6 +34,11 @@ class AgentState:
     admissible_commands: list[str]
     history: list[Turn] = field(default_factory=list)  # all turns so far; rendering keeps the recent ones
 
+    def advance(self, action: str, observation: str, admissible_commands: list[str]) -> None:
+        """The state after `action` was sent and the game answered."""
+        self.history.append(Turn(action, observation))
+        self.observation, self.admissible_commands = observation, admissible_commands
+
 
 def render_user_message(state: AgentState, history_turns: int) -> str:
     lines = [f"Your task is to: {state.task}"]

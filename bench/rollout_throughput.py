@@ -1,11 +1,13 @@
 """Rollout throughput: environment steps/s and episodes/min, Ray workers vs a plain loop.
 
-    python -m bench.rollout_throughput [--games 8] [--max-steps 10] [--envs-per-worker 4]
+    python -m bench.rollout_throughput [--games 8] [--max-steps 10] [--envs-per-worker 4] [--engine vllm]
 
 For each agent, (a) `random` (picks a random admissible command: environment-bound) and
 (b) `llm` (the embedded model behind the policy server), the same games are played by
 1, 2 and 4 rollout workers with several environments each, and by a plain loop: one
-environment, one generate call per step, no Ray. Figures are printed and saved as JSON in
+environment, one generate call per step, no Ray (transformers engine; `--no-plain` skips it).
+`--engine vllm` puts the vLLM engine behind the policy server (run it in .venv-vllm on CPU).
+Figures are printed and saved as JSON in
 bench/results/. Run it on a quiet machine: it measures wall time.
 """
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -28,7 +29,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from agent import AgentState, Turn, command_to_send, format_response, render_prompt  # noqa: E402
+from agent import AgentState, command_to_send, format_response, render_prompt  # noqa: E402
+from bench import machine  # noqa: E402
 from configs import REPO_ROOT, load_config  # noqa: E402
 from envs import AlfworldEnv, list_games, resolve_data_root  # noqa: E402
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
@@ -55,17 +57,18 @@ def plain_loop(agent: str, games, cfg, model_path: str) -> dict:
             command = command_to_send(response)
             obs = env.step(command)
             steps += 1
-            state.history.append(Turn(command, obs.text))
-            state.observation, state.admissible_commands = obs.text, obs.admissible_commands
+            state.advance(command, obs.text, obs.admissible_commands)
     env.close()
     return figures("plain loop", steps, len(games), time.perf_counter() - start, 0.0)
 
 
 def ray_rollout(agent: str, games, cfg, model_path: str, workers: int) -> dict:
     start = time.perf_counter()
-    servers = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else []
-    actors = start_rollout_workers(cfg, agent, model_path, servers)
-    ray.get([a.__ray_ready__.remote() for a in actors + servers], timeout=300)
+    policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
+    actors = start_rollout_workers(cfg, agent, model_path, policy)
+    ray.get([a.__ray_ready__.remote() for a in actors], timeout=300)
+    if policy:
+        policy.wait_ready()
     startup = time.perf_counter() - start
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(games)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,8 +76,10 @@ def ray_rollout(agent: str, games, cfg, model_path: str, workers: int) -> dict:
         run_episodes(actors, cfg.rollout.envs_per_worker, tasks, Path(tmp), desc=f"{agent} x{workers}")
         elapsed = time.perf_counter() - start
         steps = read_steps(Path(tmp)).num_rows
-    for a in actors + servers:
+    for a in actors:
         ray.kill(a)
+    if policy:
+        policy.shutdown()
     return figures(f"{workers} workers x {cfg.rollout.envs_per_worker} envs", steps, len(games), elapsed, startup)
 
 
@@ -91,22 +96,24 @@ def main() -> None:
     parser.add_argument("--envs-per-worker", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--agents", nargs="+", default=["random", "llm"])
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/rollout_throughput.json"))
     args = parser.parse_args()
 
-    base = load_config([f"env.max_steps={args.max_steps}", "policy.torch_threads=2", "rollout.num_cpus=0.25"])
+    base = load_config([f"env.max_steps={args.max_steps}", "policy.torch_threads=2", "rollout.num_cpus=0.25",
+                        f"policy.engine={args.engine}"])
     games = list_games("eval_out_of_distribution", resolve_data_root(base.data.archive))[:args.games]
     model_path = resolve_model(base.policy.model)
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              object_store_memory=2**30)
     torch.set_num_threads(2)
-    results = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                           "torch_threads": 2, "python": platform.python_version()},
-               "model": base.policy.model, "games": args.games, "max_steps": args.max_steps,
+    results = {"machine": machine(torch_threads=2), "engine": args.engine, "model": base.policy.model, "games": args.games, "max_steps": args.max_steps,
                "max_new_tokens": base.policy.max_new_tokens, "temperature": base.policy.temperature, "runs": {}}
     for agent in args.agents:
-        rows = [plain_loop(agent, games, base, model_path)]
-        print(rows[-1], flush=True)
+        rows = [plain_loop(agent, games, base, model_path)] if args.plain else []
+        if rows:
+            print(rows[-1], flush=True)
         for n in args.workers:
             cfg = OmegaConf.merge(base, {"rollout": {"num_workers": n, "envs_per_worker": args.envs_per_worker}})
             rows.append(ray_rollout(agent, games, cfg, model_path, n))

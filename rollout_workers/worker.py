@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from agent import AgentState, Turn, command_to_send, format_response, parse_action, render_prompt
+from agent import AgentState, command_to_send, format_response, parse_action, render_prompt
 from envs import AlfworldEnv, Game
 from policy_server import PolicyClient, SamplingParams
 from rollout_workers.records import StepRecord
@@ -66,8 +66,7 @@ class RolloutWorker:
                 ))
                 if obs.done:
                     return steps
-                state.history.append(Turn(action, obs.text))
-                state.observation, state.admissible_commands = obs.text, obs.admissible_commands
+                state.advance(action, obs.text, obs.admissible_commands)
         finally:
             env.close()
             self._free_envs.append(env)

