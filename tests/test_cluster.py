@@ -24,13 +24,18 @@ def test_cluster_yaml_is_valid_and_matches_the_cluster_config():
     cluster = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(cluster)))
     nodes = cluster["available_node_types"]
-    cfg = load_config(["--config", str(REPO_ROOT / "configs/gpu_cluster.yaml")])
+    # (the engine is overridden: this environment may lack vLLM, which the config's engine needs)
+    cfg = load_config(["--config", str(REPO_ROOT / "configs/gpu_cluster.yaml"), "policy.engine=hf"])
     # every custom resource an actor asks for is offered by some node type, else it waits forever
     for wanted in (cfg.rollout.resources, cfg.policy.resources):
         for key in wanted:
             assert any(key in node.get("resources", {}) for node in nodes.values()), key
     assert nodes["rollout"]["max_workers"] > nodes["rollout"]["min_workers"]  # autoscaling CPU nodes
-    assert any("scripts/setup.sh" in c for c in cluster["setup_commands"])
+    # every node installs the project; the driver's (head) and policy servers' (gpu) with vLLM
+    assert any("scripts/setup.sh" in c for c in cluster["worker_setup_commands"])
+    for commands in (cluster["head_setup_commands"], nodes["gpu"]["worker_setup_commands"]):
+        assert any("scripts/setup.sh vllm" in c for c in commands)
+    assert yaml.safe_load((REPO_ROOT / "configs/gpu_cluster.yaml").read_text())["policy"]["engine"] == "vllm"
 
 
 def free_port() -> int:

@@ -29,12 +29,26 @@ def test_defaults_and_overrides(tmp_path):
     (["eval.num_games=0"], "eval.num_games must be at least 1"),
     (["numworkers"], "unexpected argument 'numworkers'"),
     (["--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+    (["policy.engine=sglang"], "policy.engine='sglang' is not one of hf, vllm"),
+    (["policy.vllm.weight_transfer=rdma"], "policy.vllm.weight_transfer='rdma' is not one of inline, nccl"),
+    (["policy.vllm.gpu_memory_utilization=1.5"], "policy.vllm.gpu_memory_utilization must be in (0, 1]"),
+    (["policy.openai_port=70000"], "policy.openai_port must be a port number"),
 ])
 def test_bad_config_is_one_clear_line(args, message):
     with pytest.raises(ConfigError) as info:
         load_config(args)
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_vllm_engine_needs_vllm_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        assert load_config(["policy.engine=vllm"]).policy.engine == "vllm"
+    else:
+        with pytest.raises(ConfigError, match="policy.engine=vllm needs vLLM in this environment"):
+            load_config(["policy.engine=vllm"])
 
 
 def test_missing_games_archive_is_reported(monkeypatch, tmp_path):
