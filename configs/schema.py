@@ -13,7 +13,7 @@ MODES = ("eval", "demos")
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
-WEIGHT_TRANSFERS = ("inline", "nccl")
+WEIGHT_TRANSFERS = ("local_file", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,9 +44,10 @@ class VLLMConfig:
     max_model_len: int = 2048  # prompt + response tokens
     enable_prefix_caching: bool = True  # an episode's prompts share the task and earlier turns
     enforce_eager: bool = True  # no graph capture: starts in seconds; false decodes faster on GPU
-    # How new weights reach the engine: inline (tensors through vLLM's RPC; anywhere) or
-    # nccl (vLLM's NCCL transfer engine: the learner's rank 0 broadcasts; GPU only).
-    weight_transfer: str = "inline"
+    # How new weights reach the engine: local_file (the policy server writes them as a
+    # safetensors file on its host, /dev/shm when it has room; CPU or GPU) or nccl (vLLM's
+    # NCCL transfer engine: the learner's rank 0 broadcasts to the engines; GPU only).
+    weight_transfer: str = "local_file"
 
 
 @dataclass

