@@ -1,0 +1,63 @@
+"""Supervised examples for the policy: (prompt, response) pairs, tokenized with a loss mask.
+
+The prompt is exactly what the policy server fed the model (chat template applied, ending
+with the assistant header) and is tokenized on its own, as the server does at inference;
+the response is followed by the end-of-turn token, so the model learns to stop.
+Only response tokens count in the loss.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+IGNORE = -100  # label of tokens outside the loss
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    response: str
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens, the token id on response tokens
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def examples_from_steps(steps: pa.Table) -> list[SFTExample]:
+    """Every step of the given step records (e.g. the expert's winning episodes), in table order."""
+    return [SFTExample(p, r) for p, r in zip(steps["prompt"].to_pylist(), steps["response"].to_pylist())]
+
+
+def tokenize(tokenizer, example: SFTExample) -> TokenizedExample:
+    prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
+    response = tokenizer.encode(example.response + tokenizer.eos_token, add_special_tokens=False)
+    return TokenizedExample(prompt + response, [IGNORE] * len(prompt) + response)
+
+
+def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        mask[i, :len(e.input_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The same shuffled order on every worker: each takes its own slice of each batch."""
+    order = list(range(num_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
