@@ -3,6 +3,7 @@
     python driver.py                        # the embedded default job (configs/default.yaml)
     python driver.py mode=eval eval.num_games=20 policy.model=PATH
     python driver.py mode=demos             # the handcoded expert's demonstrations (train split)
+    python driver.py mode=sft               # demonstrations -> SFT (DeepSpeed on Ray Train) -> π0, evaluated
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
@@ -34,6 +35,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
+from learners import train_sft  # noqa: E402
 from policy_server import resolve_model, start_policy_servers  # noqa: E402
 from rollout_workers import (EpisodeTask, format_report, read_steps, run_episodes,  # noqa: E402
                              start_rollout_workers, summarize)
@@ -52,10 +54,13 @@ def init_ray(cfg: DictConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     # A local Ray offers what the job's actors ask for, so none of them waits forever.
-    cpus = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus
+    # Stages run one after the other, so the largest stage sets the size.
+    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus,
+               cfg.learner.num_workers * cfg.learner.num_cpus_per_worker if cfg.mode == "sft" else 0)
     resources: dict[str, float] = {}
     for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers),
-                             (cfg.policy.resources, cfg.policy.replicas)):
+                             (cfg.policy.resources, cfg.policy.replicas),
+                             (cfg.learner.resources_per_worker, cfg.learner.num_workers)):
         for key, amount in per_actor.items():
             resources[key] = resources.get(key, 0) + amount * count
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), resources=resources,
@@ -67,37 +72,49 @@ def init_ray(cfg: DictConfig) -> None:
         raise ConfigError(f"config: the policy servers need {needed:g} GPUs and this machine has {have:g}")
 
 
-def play(cfg: DictConfig, run_dir: Path, split: str, num_games: int | None, agent: str,
-         episodes_per_game: int) -> tuple[pa.Table, dict]:
-    """Play `episodes_per_game` episodes of the split's first `num_games` games.
+def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
+         episodes_per_game: int, model: str | None = None) -> tuple[pa.Table, dict]:
+    """Play `episodes_per_game` episodes of the split's first `num_games` games with `model`
+    (default `policy.model`), one shard per episode in `episodes_dir`.
 
     Returns the episodes' step records and their report (success overall and per task type).
     """
+    model = model or cfg.policy.model
     games = list_games(split, resolve_data_root(cfg.data.archive))[:num_games]
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
              for g in games for e in range(episodes_per_game)]
-    model_path = resolve_model(cfg.policy.model)
+    model_path = resolve_model(model)
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
     workers = start_rollout_workers(cfg, agent, model_path, policy)
     start = time.time()
-    run_episodes(workers, cfg.rollout.envs_per_worker, tasks, run_dir / "episodes", desc=f"{agent} on {split}")
-    steps = read_steps(run_dir / "episodes", [t.episode_id for t in tasks])
+    try:
+        run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
+    finally:  # free their CPUs for the next stage
+        for worker in workers:
+            ray.kill(worker)
+        if policy:
+            policy.shutdown()
+    steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
     report = summarize(steps)
     report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=cfg.policy.model if agent == "llm" else None, wall_time_s=time.time() - start)
+                  model=model if agent == "llm" else None, wall_time_s=time.time() - start)
     return steps, report
 
 
-def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    _, report = play(cfg, run_dir, cfg.eval.split, cfg.eval.num_games, cfg.rollout.agent, cfg.eval.episodes_per_game)
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: str | None = None,
+             name: str = "eval") -> dict:
+    """Success of the policy (or `rollout.agent`) on a split; `<name>.json` in the run directory."""
+    split = split or cfg.eval.split
+    _, report = play(cfg, run_dir / name, split, cfg.eval.num_games, cfg.rollout.agent,
+                     cfg.eval.episodes_per_game, model)
+    (run_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
 
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    steps, report = play(cfg, run_dir, cfg.demos.split, cfg.demos.num_games, "expert", 1)
+    steps, report = play(cfg, run_dir / "episodes", cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")
@@ -108,7 +125,26 @@ def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     return report
 
 
-MODES = {"eval": evaluate, "demos": collect_demos}
+def sft(cfg: DictConfig, run_dir: Path) -> dict:
+    """π0: fine-tune `policy.model` on expert demonstrations, then evaluate it.
+
+    Each stage is skipped when its output exists, so re-running the command resumes: the
+    demonstrations (demos.parquet), training (sft/policy; a stopped training continues from
+    its last checkpoint), the evaluations (episode shards per split).
+    """
+    demos = Path(cfg.sft.demos) if cfg.sft.demos else run_dir / "demos.parquet"
+    if not demos.exists():
+        collect_demos(cfg, run_dir)
+    policy = run_dir / "sft" / "policy"
+    if not (policy / "config.json").exists():
+        start = time.time()
+        train_sft(cfg, demos, resolve_model(cfg.policy.model), run_dir / "sft")
+        print(f"π0: {policy} ({time.time() - start:.0f} s of training)", flush=True)
+    return {split: evaluate(cfg, run_dir, split, model=str(policy), name=f"eval_sft_{split}")
+            for split in cfg.sft.eval_splits}
+
+
+MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import AGENTS, DEVICES, DTYPES, ENGINES, MODES, SPLITS, WEIGHT_TRANSFERS, Config
+from configs.schema import (AGENTS, DEVICES, DTYPES, ENGINES, LEARNER_BACKENDS, MODES, SPLITS, WEIGHT_TRANSFERS,
+                            Config)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -98,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.policy.device == "cuda":
         _check(cfg.policy.num_gpus > 0, "policy.device=cuda needs policy.num_gpus > 0")
     _check_vllm(cfg.policy)
+    _check_sft(cfg)
     port = cfg.policy.openai_port
     _check(port is None or 0 <= port < 65536, "policy.openai_port must be a port number, 0 (any) or null (off)")
     # Files: the model (unless only the expert or random agent acts, they still render
@@ -110,6 +112,23 @@ def validate(cfg: DictConfig) -> None:
         resolve_data_root(cfg.data.archive, check_only=True)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_sft(cfg: DictConfig) -> None:
+    learner, sft = cfg.learner, cfg.sft
+    _one_of(learner.backend, LEARNER_BACKENDS, "learner.backend")
+    _one_of(learner.dtype, DTYPES, "learner.dtype")
+    _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
+    for key in ("learner.num_workers", "sft.batch_size", "sft.micro_batch_size", "sft.checkpoint_every",
+                "sft.max_seq_len"):
+        _check(OmegaConf.select(cfg, key) >= 1, f"{key} must be at least 1")
+    _check(sft.batch_size % (learner.num_workers * sft.micro_batch_size) == 0,
+           f"sft.batch_size ({sft.batch_size}) must be a multiple of learner.num_workers x sft.micro_batch_size "
+           f"({learner.num_workers} x {sft.micro_batch_size})")
+    _check(sft.epochs > 0 and sft.lr > 0, "sft.epochs and sft.lr must be > 0")
+    for split in sft.eval_splits:
+        _one_of(split, SPLITS, "sft.eval_splits")
+    _check(sft.demos is None or Path(sft.demos).is_file(), f"sft.demos: no file {sft.demos}")
 
 
 def _check_vllm(policy: DictConfig) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-MODES = ("eval", "demos")
+MODES = ("eval", "demos", "sft")
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
 WEIGHT_TRANSFERS = ("local_file", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+LEARNER_BACKENDS = ("deepspeed", "ddp")
 
 
 @dataclass
@@ -101,6 +102,38 @@ class DemosConfig:
 
 
 @dataclass
+class LearnerConfig:
+    """Ray Train workers, each driving one DeepSpeed engine (SFT now; DPO and the PRM later)."""
+    backend: str = "deepspeed"  # deepspeed, or ddp (plain PyTorch DDP: the baseline)
+    num_workers: int = 2
+    use_gpu: bool = False  # GPU workers use NCCL; CPU workers gloo
+    num_cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    torch_threads: Optional[int] = None  # per worker; null = num_cpus_per_worker
+    zero_stage: int = 2  # DeepSpeed ZeRO: 1 optimizer states, 2 + gradients, 3 + parameters, sharded
+    dtype: str = "float32"  # float32 on CPU (fp16 is refused there, bf16 is slow); bfloat16 on GPU
+    max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
+    fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
+
+
+@dataclass
+class SFTConfig:
+    # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
+    demos: Optional[str] = None
+    epochs: float = 2.0
+    batch_size: int = 16  # examples per optimizer step, all workers together
+    micro_batch_size: int = 2  # examples per worker per forward pass (the rest is gradient accumulation)
+    lr: float = 2e-5  # peak; linear warm-up, then cosine decay to 0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_seq_len: int = 1024  # longer examples are dropped (and counted)
+    checkpoint_every: int = 50  # optimizer steps; a stopped run resumes from the last one
+    # π0 is evaluated on these splits right after training (eval.num_games of each).
+    eval_splits: list[str] = field(default_factory=lambda: ["eval_out_of_distribution", "eval_in_distribution"])
+
+
+@dataclass
 class RayConfig:
     # null: join the cluster of $RAY_ADDRESS (ray job submit sets it), else start a local one.
     address: Optional[str] = None
@@ -120,4 +153,6 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demos: DemosConfig = field(default_factory=DemosConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 
 class TrainEngine(Protocol):
@@ -127,12 +127,12 @@ class DDPEngine:
     def save(self, folder: Path) -> None:
         if dist.get_rank() == 0:  # every rank holds the same state
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, folder / "model.safetensors")
+            save_model(self.module, str(folder / "model.safetensors"))  # handles tied weights
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        self.module.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        load_model(self.module, str(folder / "model.safetensors"))
         state = torch.load(folder / "optimizer.pt", weights_only=True)  # tensors and numbers only
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

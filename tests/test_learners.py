@@ -1,0 +1,103 @@
+"""SFT on Ray Train: loss masks, two DeepSpeed (ZeRO-2) workers on a tiny model, resume after a
+failure, the exported policy in the policy server, and the plain-DDP baseline."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from transformers import AutoTokenizer
+
+from agent import AgentState, format_response, render_prompt
+from envs import AlfworldEnv
+from learners import IGNORE, SFTExample, tokenize, train_sft
+from policy_server import SamplingParams, start_policy_servers
+from tests.conftest import small_cfg
+
+
+@pytest.fixture(scope="module")
+def demos(tiny_model, ood_games, tmp_path_factory):
+    """The expert's first 2 steps in 2 real games, as a demos.parquet of prompts and responses."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    env, rows = AlfworldEnv(max_steps=10), {"prompt": [], "response": []}
+    for game in ood_games[:2]:
+        obs = env.reset(game)
+        state = AgentState(env.task, obs.text, obs.admissible_commands)
+        for _ in range(2):
+            action = env.expert_action()
+            rows["prompt"].append(render_prompt(tokenizer, state, 8))
+            rows["response"].append(format_response(action))
+            obs = env.step(action)
+            state.advance(action, obs.text, obs.admissible_commands)
+    env.close()
+    path = tmp_path_factory.mktemp("demos") / "demos.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def sft_cfg(**overrides):
+    # 4 examples, a batch of 4: every step sees the same fixed batch
+    return small_cfg(**{"learner.num_workers": 2, "sft.batch_size": 4, "sft.micro_batch_size": 1,
+                        "sft.lr": 3e-3, "sft.warmup_steps": 1, "sft.epochs": 6, **overrides})
+
+
+def losses(out_dir) -> list[float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # each step once, in order
+    return [r["loss"] for r in records]
+
+
+def test_loss_mask_covers_exactly_the_response_tokens(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = "<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n"
+    example = tokenize(tokenizer, SFTExample(prompt, "ACTION: look"))
+    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert example.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]  # every response token, no other
+    assert tokenizer.decode(example.input_ids[n_prompt:]) == "ACTION: look<|im_end|>"
+
+
+def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(ray_local, tiny_model, demos,
+                                                                               tmp_path):
+    cfg = sft_cfg(**{"learner.backend": "deepspeed", "learner.zero_stage": 2})
+    policy_dir = train_sft(cfg, demos, tiny_model, tmp_path / "sft")
+    trace = losses(tmp_path / "sft")
+    assert len(trace) == 6 and trace[-1] < 0.5 * trace[0]
+    assert list((tmp_path / "sft" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (policy_dir / "model.safetensors").is_file() and (policy_dir / "tokenizer.json").is_file()
+    # the exported model gives the demonstrations' responses a higher likelihood than the base model
+    assert demo_loss(str(policy_dir), demos) < 0.5 * demo_loss(tiny_model, demos)
+    policy = start_policy_servers(small_cfg(**{"policy.device": "cpu"}).policy, str(policy_dir), seed=0)
+    prompt = pq.read_table(demos)["prompt"][0].as_py()
+    (gen,), = ray.get(policy.generate([prompt], SamplingParams(max_tokens=12)), timeout=120).generations
+    assert gen.token_ids and ray.get(policy.servers[0].get_version.remote(), timeout=60) == 0
+    policy.shutdown()
+
+
+def demo_loss(model_path: str, demos) -> float:
+    """Mean response-token loss of a Hugging Face folder on the demonstrations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learners import collate, examples_from_steps
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    batch = collate([tokenize(tokenizer, e) for e in examples_from_steps(pq.read_table(demos))],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model_path)(**batch).loss.item()
+
+
+def test_sft_resumes_from_its_checkpoint_after_a_failure(ray_local, tiny_model, demos, tmp_path):
+    """The failure is injected only when the run did not resume: the job can succeed only by
+    restarting from the checkpoint of step 2."""
+    cfg = sft_cfg(**{"learner.fail_at_step": 3, "learner.max_failures": 1, "sft.checkpoint_every": 2,
+                     "sft.epochs": 5})
+    train_sft(cfg, demos, tiny_model, tmp_path / "sft")
+    assert len(losses(tmp_path / "sft")) == 5
+
+
+def test_sft_with_plain_ddp(ray_local, tiny_model, demos, tmp_path):
+    policy_dir = train_sft(sft_cfg(**{"learner.backend": "ddp"}), demos, tiny_model, tmp_path / "sft")
+    trace = losses(tmp_path / "sft")
+    assert trace[-1] < 0.5 * trace[0] and (policy_dir / "model.safetensors").is_file()
