@@ -69,7 +69,7 @@ async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], ma
     params = [SamplingParams(max_tokens=max_tokens)] * len(prompts)
     best = None
     for _ in range(repeats):
-        if hasattr(engine, "llm"):  # each repeat starts cold: only prefixes shared within the batch are reused
+        if engine.name == "vllm":  # each repeat starts cold: only prefixes shared within the batch are reused
             await engine.llm.reset_prefix_cache()
         start = time.perf_counter()
         outputs = await engine.generate(prompts, params)
@@ -77,7 +77,7 @@ async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], ma
         best = seconds if best is None else min(best, seconds)
     new_tokens = sum(len(g[0].token_ids) for g in outputs)
     warm = None
-    if hasattr(engine, "llm"):  # the same prompts again: every prompt is in the prefix cache
+    if engine.name == "vllm":  # the same prompts again: every prompt is in the prefix cache
         start = time.perf_counter()
         await engine.generate(prompts, params)
         warm = time.perf_counter() - start
@@ -85,8 +85,7 @@ async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], ma
     start = time.perf_counter()
     await engine.load_weights(state_dict)
     load = time.perf_counter() - start
-    if hasattr(engine, "shutdown"):
-        engine.shutdown()
+    engine.shutdown()
     return {"engine": engine_name, "startup_s": round(startup, 2), "prompts": len(prompts),
             "new_tokens": new_tokens, "generate_s": round(best, 2), "tokens_per_s": round(new_tokens / best, 1),
             "prompts_per_s": round(len(prompts) / best, 2), "weight_load_s": round(load, 2),

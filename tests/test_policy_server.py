@@ -155,3 +155,13 @@ def test_embedded_model_converts_and_generates(tmp_path, monkeypatch):
                                                   tokenize=False, add_generation_prompt=True)
     (gen,), = engine.generate([prompt], SamplingParams(max_tokens=8))
     assert "Paris" in gen.text
+
+
+def test_a_failed_weight_load_makes_the_replica_refuse_requests(ray_local, tiny_model):
+    """A half-loaded model must not serve: requests fail loudly instead."""
+    policy = start_server(tiny_model)
+    with pytest.raises(ray.exceptions.RayTaskError, match="Missing key"):
+        policy.load_weights({"model.embed_tokens.weight": torch.zeros(3, 3)}, version=1)
+    with pytest.raises(ray.exceptions.RayTaskError, match="replica unusable: loading weights version 1 failed"):
+        ray.get(policy.generate(PROMPTS[:1], SamplingParams(max_tokens=2)), timeout=60)
+    policy.shutdown()
