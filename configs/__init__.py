@@ -126,6 +126,7 @@ def _check_sft(cfg: DictConfig) -> None:
            f"sft.batch_size ({sft.batch_size}) must be a multiple of learner.num_workers x sft.micro_batch_size "
            f"({learner.num_workers} x {sft.micro_batch_size})")
     _check(sft.epochs > 0 and sft.lr > 0, "sft.epochs and sft.lr must be > 0")
+    _check(sft.max_steps is None or sft.max_steps >= 1, "sft.max_steps must be at least 1 (or null)")
     for split in sft.eval_splits:
         _one_of(split, SPLITS, "sft.eval_splits")
     _check(sft.demos is None or Path(sft.demos).is_file(), f"sft.demos: no file {sft.demos}")

@@ -121,6 +121,7 @@ class SFTConfig:
     # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
     demos: Optional[str] = None
     epochs: float = 2.0
+    max_steps: Optional[int] = None  # stop after this many optimizer steps, if fewer than the epochs make
     batch_size: int = 16  # examples per optimizer step, all workers together
     micro_batch_size: int = 2  # examples per worker per forward pass (the rest is gradient accumulation)
     lr: float = 2e-5  # peak; linear warm-up, then cosine decay to 0

@@ -51,6 +51,7 @@ def sft_recipe(config: dict) -> None:
     per_step = sft["batch_size"]
     accumulation = per_step // (world * sft["micro_batch_size"])
     total_steps = max(1, math.floor(sft["epochs"] * len(examples) / per_step))
+    total_steps = min(total_steps, sft["max_steps"] or total_steps)
 
     model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32,
                                                  trust_remote_code=config["trust_remote_code"])

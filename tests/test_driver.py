@@ -70,3 +70,21 @@ def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
     won = {r["episode_id"] for r in demos.to_pylist() if r["won"]}
     assert won == episodes
     assert all(r.startswith("ACTION: ") for r in demos["response"].to_pylist())
+
+
+def test_sft_mode_runs_demos_training_and_evaluation_and_resumes(tiny_model, tmp_path):
+    run_dir = tmp_path / "sft"
+    args = [f"run_dir={run_dir}", "mode=sft", f"policy.model={tiny_model}", "demos.num_games=2",
+            "env.max_steps=20", "rollout.num_workers=1", "rollout.envs_per_worker=2", "policy.max_new_tokens=6",
+            "learner.num_workers=2", "sft.batch_size=4", "sft.micro_batch_size=1", "sft.max_steps=2",
+            "sft.eval_splits=[eval_out_of_distribution,eval_in_distribution]", "eval.num_games=1"]
+    proc = run_driver(*args)
+    assert (run_dir / "demos.parquet").is_file() and (run_dir / "sft/policy/model.safetensors").is_file()
+    assert len((run_dir / "sft/metrics.jsonl").read_text().splitlines()) == 2
+    for split in ("eval_out_of_distribution", "eval_in_distribution"):
+        report = json.loads((run_dir / f"eval_sft_{split}.json").read_text())
+        assert report["split"] == split and report["model"] == str(run_dir / "sft/policy")
+    assert "π0:" in proc.stdout
+    # Re-running resumes past every finished stage: no demonstrations, no training again.
+    again = run_driver(*args)
+    assert "π0:" not in again.stdout and "demonstrations:" not in again.stdout
