@@ -7,8 +7,9 @@
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
-Every run writes into its run directory (config.yaml, episodes/, reports); running again
-with the same `run_dir=` resumes: finished episodes are not played again.
+Every run writes into its run directory (config.yaml, a folder of episode shards per stage,
+reports); running again with the same `run_dir=` resumes: finished episodes are not played
+again, finished stages are not redone.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: st
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    steps, report = play(cfg, run_dir / "episodes", cfg.demos.split, cfg.demos.num_games, "expert", 1)
+    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")

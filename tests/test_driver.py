@@ -45,13 +45,13 @@ def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
     assert "all" in proc.stdout and "wall time" in proc.stdout
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.seed == 7 and saved.policy.model == tiny_model
-    shards = sorted((run_dir / "episodes").glob("*.parquet"))
+    shards = sorted((run_dir / "eval").glob("*.parquet"))
     assert len(shards) == 3
     # Re-running the same command resumes: episodes on disk are not played again.
     mtimes = [p.stat().st_mtime_ns for p in shards]
     shards[0].unlink()
     run_driver(*args)
-    assert [p.stat().st_mtime_ns for p in sorted((run_dir / "episodes").glob("*.parquet"))][1:] == mtimes[1:]
+    assert [p.stat().st_mtime_ns for p in sorted((run_dir / "eval").glob("*.parquet"))][1:] == mtimes[1:]
     assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 3
 
 
