@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import ray.train
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from learners.engines import TrainEngine
@@ -31,7 +31,8 @@ def run_on_ray_train(recipe: Callable[[dict], None], loop_config: dict, learner_
             num_workers=learner_cfg.num_workers, use_gpu=learner_cfg.use_gpu,
             resources_per_worker={"CPU": learner_cfg.num_cpus_per_worker, **learner_cfg.resources_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                             failure_config=FailureConfig(max_failures=learner_cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=learner_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),  # each holds optimizer states
     )
     result = trainer.fit()
     if result.error is not None:
