@@ -117,7 +117,9 @@ def validate(cfg: DictConfig) -> None:
 def _check_sft(cfg: DictConfig) -> None:
     learner, sft = cfg.learner, cfg.sft
     _one_of(learner.backend, LEARNER_BACKENDS, "learner.backend")
-    _one_of(learner.dtype, DTYPES, "learner.dtype")
+    _one_of(learner.dtype, ("float32", "bfloat16"), "learner.dtype")
+    _check(learner.backend == "deepspeed" or learner.dtype == "float32", "learner.backend=ddp trains in float32 only")
+    _check(sft.grad_clip >= 0, "sft.grad_clip must be >= 0 (0 = no clipping)")
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
     for key in ("learner.num_workers", "sft.batch_size", "sft.micro_batch_size", "sft.checkpoint_every",
                 "sft.max_seq_len"):

@@ -111,7 +111,7 @@ class LearnerConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     torch_threads: Optional[int] = None  # per worker; null = num_cpus_per_worker
     zero_stage: int = 2  # DeepSpeed ZeRO: 1 optimizer states, 2 + gradients, 3 + parameters, sharded
-    dtype: str = "float32"  # float32 on CPU (fp16 is refused there, bf16 is slow); bfloat16 on GPU
+    dtype: str = "float32"  # float32 or bfloat16 (DeepSpeed only; slow on CPU, the choice on GPU)
     max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
     fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
 
@@ -127,7 +127,7 @@ class SFTConfig:
     lr: float = 2e-5  # peak; linear warm-up, then cosine decay to 0
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     max_seq_len: int = 1024  # longer examples are dropped (and counted)
     checkpoint_every: int = 50  # optimizer steps; a stopped run resumes from the last one
     # π0 is evaluated on these splits right after training (eval.num_games of each).

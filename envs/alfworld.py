@@ -5,6 +5,7 @@ library, so several instances may live in one process as long as one thread driv
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from envs.data import Game
@@ -33,8 +34,8 @@ class AlfworldEnv:
     def reset(self, game: Game) -> Observation:
         """Start `game` from its initial state; the task sentence goes to `self.task`."""
         import textworld
-        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
 
+        AlfredDemangler, AlfredExpert, AlfredInfos = _alfworld_wrappers()
         self.close()  # a game's planner state cannot be reloaded in place: one env per game
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
         wrappers = [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type="handcoded")]
@@ -71,3 +72,14 @@ class AlfworldEnv:
         if self._env is not None:
             self._env.close()
         self._env, self._state = None, None
+
+
+def _alfworld_wrappers():
+    """alfworld's wrappers, imported without the side effect of its import: alfworld sets
+    $ALFWORLD_DATA to its own default when unset, which would hide our data resolution."""
+    before = os.environ.get("ALFWORLD_DATA")
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+
+    if before is None:
+        os.environ.pop("ALFWORLD_DATA", None)
+    return AlfredDemangler, AlfredExpert, AlfredInfos

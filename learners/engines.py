@@ -44,7 +44,7 @@ def make_train_engine(backend: str, model: torch.nn.Module, optimizer: torch.opt
     if backend == "deepspeed":
         return DeepSpeedEngine(model, optimizer, scheduler, micro_batch_size, accumulation_steps, zero_stage,
                                grad_clip, dtype)
-    if backend == "ddp":
+    if backend == "ddp":  # float32 only (configs refuse other dtypes for it)
         return DDPEngine(model, optimizer, scheduler, accumulation_steps, grad_clip)
     raise ValueError(f"unknown learner backend {backend!r}")
 
@@ -100,7 +100,9 @@ class DDPEngine:
     """Plain PyTorch DistributedDataParallel: the baseline DeepSpeed is measured against."""
 
     def __init__(self, model, optimizer, scheduler, accumulation_steps: int, grad_clip: float):
-        self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+        on_gpu = next(model.parameters()).is_cuda
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[next(model.parameters()).device] if on_gpu else None)
         self.module = model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accumulation_steps, self.grad_clip = accumulation_steps, grad_clip
@@ -119,7 +121,8 @@ class DDPEngine:
         self._micro += 1
         if self._micro % self.accumulation_steps:
             return
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        if self.grad_clip > 0:  # 0 = no clipping, as in DeepSpeed
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

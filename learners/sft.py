@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -48,13 +49,16 @@ def sft_recipe(config: dict) -> None:
     examples = [tokenize(tokenizer, e) for e in examples_from_steps(pq.read_table(config["demos"]))]
     dropped = sum(len(e.input_ids) > sft["max_seq_len"] for e in examples)
     examples = [e for e in examples if len(e.input_ids) <= sft["max_seq_len"]]
+    if not examples:
+        raise ValueError(f"no demonstration fits in sft.max_seq_len={sft['max_seq_len']} tokens ({dropped} dropped)")
     per_step = sft["batch_size"]
     accumulation = per_step // (world * sft["micro_batch_size"])
     total_steps = max(1, math.floor(sft["epochs"] * len(examples) / per_step))
     total_steps = min(total_steps, sft["max_steps"] or total_steps)
 
+    device = ray.train.torch.get_device()  # cuda:<local rank> on GPU workers, else cpu
     model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32,
-                                                 trust_remote_code=config["trust_remote_code"])
+                                                 trust_remote_code=config["trust_remote_code"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft["lr"], weight_decay=sft["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(sft["warmup_steps"], total_steps))
     engine = make_train_engine(learner["backend"], model, optimizer, scheduler, sft["micro_batch_size"],
@@ -72,18 +76,19 @@ def sft_recipe(config: dict) -> None:
     for step in range(start_step + 1, total_steps + 1):
         if learner["fail_at_step"] == step and state is None:
             raise RuntimeError(f"injected failure at step {step} (learner.fail_at_step)")
-        started = time.perf_counter()
+        started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         batch = step_batch(examples, step, per_step, config["seed"])
         mine = batch[rank::world]
-        loss_sum = torch.zeros(2)  # (sum of micro-batch losses, tokens seen), summed over ranks below
+        loss_sum = torch.zeros(2, device=device)  # (sum of micro-batch losses, tokens seen), over ranks below
         for i in range(0, len(mine), sft["micro_batch_size"]):
-            inputs = collate(mine[i:i + sft["micro_batch_size"]], tokenizer.pad_token_id or tokenizer.eos_token_id)
+            micro = mine[i:i + sft["micro_batch_size"]]
+            inputs = {k: v.to(device) for k, v in collate(micro, tokenizer.pad_token_id or tokenizer.eos_token_id).items()}
             loss = engine(**inputs).loss  # mean over the micro-batch's response tokens
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), float(inputs["attention_mask"].sum())])
+            loss_sum += torch.stack([loss.detach(), inputs["attention_mask"].sum().float()])
         dist.all_reduce(loss_sum)
-        metrics = {"loss": loss_sum[0].item() / (accumulation * world), "lr": scheduler.get_last_lr()[0],
+        metrics = {"loss": loss_sum[0].item() / (accumulation * world), "lr": lr,
                    "tokens_per_s": loss_sum[1].item() / (time.perf_counter() - started)}
         if log:
             log.log(step, metrics)

@@ -34,9 +34,7 @@ def run_on_ray_train(recipe: Callable[[dict], None], loop_config: dict, learner_
                              failure_config=FailureConfig(max_failures=learner_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),  # each holds optimizer states
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"{name} failed: {result.error}") from result.error
+    trainer.fit()  # raises when the job fails (after learner.max_failures restarts)
 
 
 def save_checkpoint(engine: TrainEngine, state: dict, metrics: dict) -> None:
@@ -58,6 +56,14 @@ def restore(engine: TrainEngine) -> Optional[dict]:
         return json.loads((Path(folder) / "trainer_state.json").read_text())
 
 
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
+
+
 class MetricsLog:
     """Rank 0's per-step metrics: a JSONL file, TensorBoard events, and a progress line with ETA.
 
@@ -71,7 +77,7 @@ class MetricsLog:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tensorboard = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1)
         self.total_steps, self.start_step = total_steps, start_step

@@ -44,3 +44,20 @@ def test_step_limit_and_invalid_commands(ood_games):
     env.reset(ood_games[0])
     assert env.steps == 0 and not env.step("look").done
     env.close()
+
+
+def test_playing_a_game_leaves_alfworld_data_unset(ood_games):
+    """alfworld's import sets $ALFWORLD_DATA to its own default; data resolution must not see it.
+    (In a fresh process: alfworld must not have been imported before.)"""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from envs import AlfworldEnv, Game; env = AlfworldEnv(max_steps=2); "
+            "env.reset(Game(*sys.argv[1:])); env.close(); print(os.environ.get('ALFWORLD_DATA'))")
+    game = ood_games[0]
+    env = {k: v for k, v in os.environ.items() if k != "ALFWORLD_DATA"}
+    out = subprocess.run([sys.executable, "-c", code, game.game_id, str(game.path), game.task_type],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "None"
