@@ -152,6 +152,7 @@ class BatchingHFEngine:
 
     def __init__(self, engine: HFEngine, max_batch_size: int = 32, batch_wait_ms: float = 5.0):
         self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)

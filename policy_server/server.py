@@ -153,7 +153,7 @@ class PolicyServer:
                 self._openai = await openai_api.serve_vllm(self.engine.llm, self.model_path,
                                                            self.served_model_name, port)
             else:
-                self._openai = await openai_api.serve_policy(self.generate, self.engine.engine.tokenizer,
+                self._openai = await openai_api.serve_policy(self.generate, self.engine.tokenizer,
                                                              self.served_model_name, port)
         return self._openai.url
 

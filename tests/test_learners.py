@@ -98,6 +98,12 @@ def test_sft_resumes_from_its_checkpoint_after_a_failure(ray_local, tiny_model, 
     train_sft(failing, demos, tiny_model, tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
     assert len(losses(tmp_path / "resumed")) == 5
+    # A crashed job (no restarts left) continues from its checkpoint when it is run again.
+    crashing = sft_cfg(**common, **{"learner.fail_at_step": 3, "learner.max_failures": 0})
+    with pytest.raises(Exception, match="injected failure at step 3"):
+        train_sft(crashing, demos, tiny_model, tmp_path / "rerun")
+    train_sft(sft_cfg(**common), demos, tiny_model, tmp_path / "rerun")
+    assert losses(tmp_path / "rerun") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
 
 
 def test_sft_with_plain_ddp(ray_local, tiny_model, demos, tmp_path):
