@@ -4,6 +4,8 @@
     python driver.py mode=eval eval.num_games=20 policy.model=PATH
     python driver.py mode=demos             # the handcoded expert's demonstrations (train split)
     python driver.py mode=sft               # demonstrations -> SFT (DeepSpeed on Ray Train) -> π0, evaluated
+    python driver.py mode=critic policy.model=runs/x/sft/policy   # rollouts -> Q-targets -> PRM -> Best-of-N
+    python driver.py mode=eval policy.best_of_n=8 policy.temperature=0.7 prm_service.model=runs/x/critic/prm
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
@@ -13,6 +15,7 @@ again, finished stages are not redone.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,12 +35,14 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
-from learners import train_sft  # noqa: E402
+from learners import build_dataset, train_prm, train_sft  # noqa: E402
 from policy_server import resolve_model, start_policy_servers  # noqa: E402
+from prm_service import start_prm_servers  # noqa: E402
+from reports import plot_best_of_n, plot_reliability, plot_target_histogram  # noqa: E402
 from rollout_workers import (EpisodeTask, format_report, read_steps, run_episodes,  # noqa: E402
                              start_rollout_workers, summarize)
 
@@ -56,11 +61,14 @@ def init_ray(cfg: DictConfig) -> None:
         return
     # A local Ray offers what the job's actors ask for, so none of them waits forever.
     # Stages run one after the other, so the largest stage sets the size.
-    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus,
-               cfg.learner.num_workers * cfg.learner.num_cpus_per_worker if cfg.mode == "sft" else 0)
+    uses_prm = cfg.mode == "critic" or cfg.prm_service.model
+    prm_cpus = cfg.prm_service.replicas * cfg.prm_service.num_cpus if uses_prm else 0
+    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus + prm_cpus,
+               cfg.learner.num_workers * cfg.learner.num_cpus_per_worker if cfg.mode in ("sft", "critic") else 0)
     resources: dict[str, float] = {}
     for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers),
                              (cfg.policy.resources, cfg.policy.replicas),
+                             (cfg.prm_service.resources, cfg.prm_service.replicas),
                              (cfg.learner.resources_per_worker, cfg.learner.num_workers)):
         for key, amount in per_actor.items():
             resources[key] = resources.get(key, 0) + amount * count
@@ -73,10 +81,21 @@ def init_ray(cfg: DictConfig) -> None:
         raise ConfigError(f"config: the policy servers need {needed:g} GPUs and this machine has {have:g}")
 
 
+def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
+    """A copy of the run's config with some values replaced (dotted keys), for one stage."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
          episodes_per_game: int, model: str | None = None) -> tuple[pa.Table, dict]:
     """Play `episodes_per_game` episodes of the split's first `num_games` games with `model`
-    (default `policy.model`), one shard per episode in `episodes_dir`.
+    (default `policy.model`), one shard per episode in `episodes_dir`; with
+    `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM.
 
     Returns the episodes' step records and their report (success overall and per task type).
     """
@@ -86,19 +105,22 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(model)
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
-    workers = start_rollout_workers(cfg, agent, model_path, policy)
+    prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
+    workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
     start = time.time()
     try:
         run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
     finally:  # free their CPUs for the next stage
         for worker in workers:
             ray.kill(worker)
-        if policy:
-            policy.shutdown()
+        for server in (policy, prm):
+            if server:
+                server.shutdown()
     steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
     report = summarize(steps)
     report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=model if agent == "llm" else None, wall_time_s=time.time() - start)
+                  model=model if agent == "llm" else None, wall_time_s=time.time() - start,
+                  best_of_n=cfg.policy.best_of_n if prm else None, prm=cfg.prm_service.model if prm else None)
     return steps, report
 
 
@@ -145,7 +167,58 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
             for split in cfg.sft.eval_splits}
 
 
-MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft}
+def critic(cfg: DictConfig, run_dir: Path) -> dict:
+    """AgentPRM stages 1 and 2 for the policy `policy.model`, then Best-of-N with the new PRM.
+
+    Stage 1: `critic.rollouts_per_game` episodes per game at `critic.temperature` (critic/rollouts/),
+    their Monte Carlo Q-targets and preference pairs (critic/qtargets.parquet, pairs.parquet,
+    dataset.json). Stage 2: the PRM (critic/prm/, a Hugging Face folder) and its validation
+    report (critic/prm_report.json). Then Best-of-N(policy, PRM) on `eval.split` for each N
+    of `critic.best_of_n` (bon_<N>/, bon.json, bon.png). Finished stages are not redone.
+    """
+    out = run_dir / "critic"
+    if not (out / "dataset.json").exists():
+        rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature})
+        steps, rollouts = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
+                               cfg.critic.rollouts_per_game)
+        print(format_report(rollouts))
+        dataset = build_dataset(steps, out, cfg.critic.gamma, cfg.critic.discount, cfg.critic.pair_margin,
+                                cfg.critic.val_fraction, cfg.seed)
+        dataset["rollouts"] = rollouts
+        (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
+        plot_target_histogram(dataset["target_histogram"], out / "qtargets.png",
+                              f"Q-targets of {dataset['unique_state_actions']} (s, a)")
+    dataset = json.loads((out / "dataset.json").read_text())
+    print(f"stage 1: {dataset['transitions']} transitions, {dataset['unique_state_actions']} unique (s, a), "
+          f"{dataset['states_with_several_actions']} states with several actions, {dataset['pairs']} pairs",
+          flush=True)
+
+    prm_dir = out / "prm"
+    if not (prm_dir / "config.json").exists():
+        init = cfg.policy.model if cfg.prm.init == "policy" else cfg.prm.init
+        start = time.time()
+        report = train_prm(cfg, out, resolve_model(init), out)
+        report["wall_time_s"] = time.time() - start
+        (out / "prm_report.json").write_text(json.dumps(report, indent=2))
+        if report["reliability"]:
+            plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
+    report = json.loads((out / "prm_report.json").read_text())
+    print(f"stage 2: PRM {prm_dir}: validation AUC {report['auc']}, calibration error "
+          f"{report['expected_calibration_error']}, pair accuracy {report['pair_accuracy']}", flush=True)
+
+    success: dict[int, float] = {}
+    for n in cfg.critic.best_of_n:
+        bon_cfg = with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
+                                       "policy.temperature": cfg.critic.best_of_n_temperature})
+        success[n] = evaluate(bon_cfg, run_dir, name=f"bon_{n}")["success_rate"]
+    if success:
+        (run_dir / "bon.json").write_text(json.dumps({"split": cfg.eval.split, "success_rate": success}, indent=2))
+        plot_best_of_n(success, run_dir / "bon.png", f"Best-of-N with the PRM, {cfg.eval.split}")
+        print("Best-of-N: " + ", ".join(f"N={n} {s:.1%}" for n, s in success.items()), flush=True)
+    return {"dataset": dataset, "prm": report, "best_of_n": success}
+
+
+MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft, "critic": critic}
 
 
 def main(argv: list[str] | None = None) -> int:

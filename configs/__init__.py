@@ -10,8 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import (AGENTS, DEVICES, DTYPES, ENGINES, LEARNER_BACKENDS, MODES, SPLITS, WEIGHT_TRANSFERS,
-                            Config)
+from configs.schema import (AGENTS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES, PRM_LOSSES, SPLITS,
+                            WEIGHT_TRANSFERS, Config)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -99,7 +99,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.policy.device == "cuda":
         _check(cfg.policy.num_gpus > 0, "policy.device=cuda needs policy.num_gpus > 0")
     _check_vllm(cfg.policy)
-    _check_sft(cfg)
+    _check_learner(cfg)
+    _check_critic(cfg)
     port = cfg.policy.openai_port
     _check(port is None or 0 <= port < 65536, "policy.openai_port must be a port number, 0 (any) or null (off)")
     # Files: the model (unless only the expert or random agent acts, they still render
@@ -114,24 +115,58 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _check_sft(cfg: DictConfig) -> None:
-    learner, sft = cfg.learner, cfg.sft
+def _check_learner(cfg: DictConfig) -> None:
+    learner = cfg.learner
     _one_of(learner.backend, LEARNER_BACKENDS, "learner.backend")
     _one_of(learner.dtype, ("float32", "bfloat16"), "learner.dtype")
     _check(learner.backend == "deepspeed" or learner.dtype == "float32", "learner.backend=ddp trains in float32 only")
-    _check(sft.grad_clip >= 0, "sft.grad_clip must be >= 0 (0 = no clipping)")
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
-    for key in ("learner.num_workers", "sft.batch_size", "sft.micro_batch_size", "sft.checkpoint_every",
-                "sft.max_seq_len"):
-        _check(OmegaConf.select(cfg, key) >= 1, f"{key} must be at least 1")
-    _check(sft.batch_size % (learner.num_workers * sft.micro_batch_size) == 0,
-           f"sft.batch_size ({sft.batch_size}) must be a multiple of learner.num_workers x sft.micro_batch_size "
-           f"({learner.num_workers} x {sft.micro_batch_size})")
-    _check(sft.epochs > 0 and sft.lr > 0, "sft.epochs and sft.lr must be > 0")
-    _check(sft.max_steps is None or sft.max_steps >= 1, "sft.max_steps must be at least 1 (or null)")
-    for split in sft.eval_splits:
+    _check(learner.num_workers >= 1, "learner.num_workers must be at least 1")
+    for section in ("sft", "prm"):
+        _check_training(cfg, section)
+    for split in cfg.sft.eval_splits:
         _one_of(split, SPLITS, "sft.eval_splits")
-    _check(sft.demos is None or Path(sft.demos).is_file(), f"sft.demos: no file {sft.demos}")
+    _check(cfg.sft.demos is None or Path(cfg.sft.demos).is_file(), f"sft.demos: no file {cfg.sft.demos}")
+    _one_of(cfg.prm.loss, PRM_LOSSES, "prm.loss")
+
+
+def _check_training(cfg: DictConfig, section: str) -> None:
+    """The optimisation knobs of one learner section (configs.schema.TrainConfig)."""
+    train, workers = cfg[section], cfg.learner.num_workers
+    _check(train.grad_clip >= 0, f"{section}.grad_clip must be >= 0 (0 = no clipping)")
+    for key in ("batch_size", "micro_batch_size", "checkpoint_every", "max_seq_len"):
+        _check(train[key] >= 1, f"{section}.{key} must be at least 1")
+    _check(train.batch_size % (workers * train.micro_batch_size) == 0,
+           f"{section}.batch_size ({train.batch_size}) must be a multiple of learner.num_workers x "
+           f"{section}.micro_batch_size ({workers} x {train.micro_batch_size})")
+    _check(train.epochs > 0 and train.lr > 0, f"{section}.epochs and {section}.lr must be > 0")
+    _check(train.max_steps is None or train.max_steps >= 1, f"{section}.max_steps must be at least 1 (or null)")
+
+
+def _check_critic(cfg: DictConfig) -> None:
+    critic, service = cfg.critic, cfg.prm_service
+    _one_of(critic.split, SPLITS, "critic.split")
+    _one_of(critic.discount, DISCOUNTS, "critic.discount")
+    _check(critic.num_games is None or critic.num_games >= 1, "critic.num_games must be at least 1 (or null)")
+    _check(critic.rollouts_per_game >= 1, "critic.rollouts_per_game must be at least 1")
+    _check(0 < critic.gamma <= 1, "critic.gamma must be in (0, 1]")
+    _check(0 <= critic.val_fraction < 1, "critic.val_fraction must be in [0, 1)")
+    _check(critic.pair_margin >= 0, "critic.pair_margin must be >= 0")
+    _check(critic.temperature >= 0 and critic.best_of_n_temperature >= 0, "critic temperatures must be >= 0")
+    _check(all(n >= 1 for n in critic.best_of_n), "critic.best_of_n: every N must be at least 1")
+    _check(critic.best_of_n_temperature > 0 or max(critic.best_of_n, default=1) == 1,
+           "critic.best_of_n_temperature must be > 0 when some N > 1 (greedy samples are all alike)")
+    _check(cfg.policy.best_of_n >= 1, "policy.best_of_n must be at least 1")
+    if cfg.policy.best_of_n > 1:
+        _check(cfg.policy.temperature > 0, "policy.best_of_n > 1 needs policy.temperature > 0")
+        _check(cfg.mode == "critic" or service.model is not None,
+               "policy.best_of_n > 1 needs a PRM: prm_service.model=<PRM folder>")
+    _one_of(service.device, DEVICES, "prm_service.device")
+    _one_of(service.dtype, DTYPES, "prm_service.dtype")
+    for key in ("replicas", "max_batch_size"):
+        _check(service[key] >= 1, f"prm_service.{key} must be at least 1")
+    _check(service.model is None or (Path(service.model) / "config.json").is_file(),
+           f"prm_service.model: {service.model} is not a PRM folder (no config.json)")
 
 
 def _check_vllm(policy: DictConfig) -> None:
@@ -158,7 +193,12 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """
     path = run_dir / "config.yaml"
     if path.is_file():
-        changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(path)), OmegaConf.to_container(cfg))
+        saved = OmegaConf.load(path)
+        try:  # keys added to the schema since that run read as their defaults
+            saved = OmegaConf.merge(OmegaConf.structured(Config), saved)
+        except OmegaConfBaseException:  # it holds a key the schema no longer has: a different config
+            pass
+        changed = _changed_keys(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
         if changed:
             raise ConfigError(f"config: {run_dir} holds a run with a different config ({', '.join(changed)}); "
                               "use another run_dir")

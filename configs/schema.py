@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-MODES = ("eval", "demos", "sft")
+MODES = ("eval", "demos", "sft", "critic")
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
@@ -17,6 +17,8 @@ WEIGHT_TRANSFERS = ("local_file", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LEARNER_BACKENDS = ("deepspeed", "ddp")
+PRM_LOSSES = ("absolute", "relative")
+DISCOUNTS = ("to_go", "from_start")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class PolicyConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 48
+    # Best-of-N acting: N samples per step (temperature > 0), the PRM (prm_service.model)
+    # scores the distinct actions, the best is played. 1 = act with the policy alone.
+    best_of_n: int = 1
 
 
 @dataclass
@@ -103,7 +108,7 @@ class DemosConfig:
 
 @dataclass
 class LearnerConfig:
-    """Ray Train workers, each driving one DeepSpeed engine (SFT now; DPO and the PRM later)."""
+    """Ray Train workers, each driving one DeepSpeed engine (SFT, the PRM; DPO later)."""
     backend: str = "deepspeed"  # deepspeed, or ddp (plain PyTorch DDP: the baseline)
     num_workers: int = 2
     use_gpu: bool = False  # GPU workers use NCCL; CPU workers gloo
@@ -117,9 +122,8 @@ class LearnerConfig:
 
 
 @dataclass
-class SFTConfig:
-    # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
-    demos: Optional[str] = None
+class TrainConfig:
+    """Optimisation knobs shared by the learners (SFT, PRM)."""
     epochs: float = 2.0
     max_steps: Optional[int] = None  # stop after this many optimizer steps, if fewer than the epochs make
     batch_size: int = 16  # examples per optimizer step, all workers together
@@ -130,8 +134,63 @@ class SFTConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     max_seq_len: int = 1024  # longer examples are dropped (and counted)
     checkpoint_every: int = 50  # optimizer steps; a stopped run resumes from the last one
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
+    demos: Optional[str] = None
     # π0 is evaluated on these splits right after training (eval.num_games of each).
     eval_splits: list[str] = field(default_factory=lambda: ["eval_out_of_distribution", "eval_in_distribution"])
+
+
+@dataclass
+class CriticConfig:
+    """AgentPRM stage 1 (rollouts -> Monte Carlo Q-targets) and the Best-of-N report of mode=critic."""
+    split: str = "train"
+    num_games: Optional[int] = None  # the first N games of the sorted split; null = all
+    rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
+    temperature: float = 0.3  # sampling temperature of those rollouts (the paper: 0.3)
+    gamma: float = 0.95
+    # to_go: gamma^(T-1-t) * outcome (the paper); from_start: gamma^t * outcome (its reference code)
+    discount: str = "to_go"
+    pair_margin: float = 0.03  # preference pairs: actions at one state whose targets differ by more
+    val_fraction: float = 0.1  # share of the games held out to validate the PRM (split by game)
+    # After training: Best-of-N(policy, Q) on eval.split for each N (empty = skip), sampling at
+    # this temperature (N = 1 is the policy sampled alone at that temperature).
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    best_of_n_temperature: float = 0.7
+
+
+@dataclass
+class PRMConfig(TrainConfig):
+    """AgentPRM stage 2: the PRM learner (same Ray Train + DeepSpeed workers as SFT, `learner.*`)."""
+    # The PRM is the backbone of this model with a new scalar head: "policy" = the policy
+    # the rollouts came from (π0), or a model name/folder (e.g. smollm2-135m-instruct).
+    init: str = "policy"
+    loss: str = "absolute"  # absolute (soft-label BCE on targets) or relative (Bradley-Terry on pairs)
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 32
+    micro_batch_size: int = 4
+    max_seq_len: int = 1024
+
+
+@dataclass
+class PRMServiceConfig:
+    """Ray actors serving a PRM checkpoint (Best-of-N acting, DPO)."""
+    model: Optional[str] = None  # a PRM folder (mode=critic writes <run_dir>/critic/prm); mode=critic sets it
+    replicas: int = 1
+    num_cpus: float = 1.0
+    torch_threads: Optional[int] = None  # null = num_cpus (at least 1)
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    max_batch_size: int = 64  # (state, action) pairs per forward pass
+    max_wait_ms: float = 5.0  # how long a batch waits for more requests once the model is free
+    share_prompt: bool = True  # encode each distinct prompt of a batch once (KV cache), then its responses
 
 
 @dataclass
@@ -156,4 +215,7 @@ class Config:
     demos: DemosConfig = field(default_factory=DemosConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    prm_service: PRMServiceConfig = field(default_factory=PRMServiceConfig)
     ray: RayConfig = field(default_factory=RayConfig)

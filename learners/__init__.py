@@ -1,11 +1,18 @@
 """Learners on Ray Train: each worker drives a DeepSpeed engine (or plain DDP, the baseline).
 
     policy_dir = train_sft(cfg, demos_parquet, base_model, out_dir)   # π0, a Hugging Face folder
+    summary = build_dataset(rollout_steps, out_dir, gamma, discount, margin, val_fraction, seed)  # Q-targets
+    report = train_prm(cfg, out_dir, init_model, out_dir)             # the PRM: out_dir/prm
 
-`sft.py` is the SFT recipe; `trainer.py` the Ray Train job, checkpoints and metrics shared by
-the learners; `engines.py` the DeepSpeed and DDP engines; `data.py` tokenization and loss masks.
+`sft.py` and `prm.py` are the recipes; `qtargets.py` AgentPRM's stage 1 data (Monte Carlo
+Q-targets, preference pairs); `trainer.py` the Ray Train job, step loop, checkpoints and
+metrics shared by the recipes; `engines.py` the DeepSpeed and DDP engines; `data.py`
+tokenization and loss masks.
 """
 from learners.data import IGNORE, SFTExample, TokenizedExample, collate, examples_from_steps, tokenize
+from learners.prm import train_prm
+from learners.qtargets import build_dataset
 from learners.sft import train_sft
 
-__all__ = ["train_sft", "SFTExample", "TokenizedExample", "IGNORE", "examples_from_steps", "tokenize", "collate"]
+__all__ = ["train_sft", "train_prm", "build_dataset", "SFTExample", "TokenizedExample", "IGNORE",
+           "examples_from_steps", "tokenize", "collate"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from agent import encode_turn
+
 IGNORE = -100  # label of tokens outside the loss
 
 
@@ -38,8 +40,7 @@ def examples_from_steps(steps: pa.Table) -> list[SFTExample]:
 
 
 def tokenize(tokenizer, example: SFTExample) -> TokenizedExample:
-    prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
-    response = tokenizer.encode(example.response + tokenizer.eos_token, add_special_tokens=False)
+    prompt, response = encode_turn(tokenizer, example.prompt, example.response + tokenizer.eos_token)
     return TokenizedExample(prompt + response, [IGNORE] * len(prompt) + response)
 
 

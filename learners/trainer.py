@@ -1,25 +1,40 @@
-"""Ray Train plumbing shared by the learners: the job, checkpoints, metrics.
+"""Ray Train plumbing shared by the learners: the job, the step loop, checkpoints, metrics.
 
 A recipe is a plain function run on every Ray Train worker (`TorchTrainer`), which has set
-up torch.distributed (gloo on CPU, NCCL on GPU) before it starts. Checkpoints go through
-`ray.train.report`: every rank writes its shard into a local folder and Ray merges them in
-the run's storage; after a worker failure (up to `learner.max_failures`), or when the same
-command runs again, `restore` puts the engine back at the last checkpoint.
+up torch.distributed (gloo on CPU, NCCL on GPU) before it starts. It builds its examples
+and model, then hands `train_steps` a loss for a micro-batch of examples:
+
+    engine, optimizer = build_engine(model, train, learner, total_steps)
+    train_steps(engine, optimizer, examples, micro_loss, train, learner, seed, total_steps, out_dir, "sft")
+
+Checkpoints go through `ray.train.report`: every rank writes its shard into a local folder
+and Ray merges them in the run's storage; after a worker failure (up to
+`learner.max_failures`), or when the same command runs again, the loop resumes from the
+last checkpoint.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import ray.train
+import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from learners.engines import TrainEngine
+from learners.data import epoch_order
+from learners.engines import TrainEngine, make_train_engine
+
+# A micro-batch's loss and the numbers to log about it. "tokens" is summed into tokens/s;
+# the other numbers are averaged over the step's micro-batches on all workers.
+MicroLoss = Callable[[list], tuple[torch.Tensor, dict[str, float]]]
 
 
 def run_on_ray_train(recipe: Callable[[dict], None], loop_config: dict, learner_cfg, storage: Path,
@@ -35,6 +50,97 @@ def run_on_ray_train(recipe: Callable[[dict], None], loop_config: dict, learner_
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),  # each holds optimizer states
     )
     trainer.fit()  # raises when the job fails (after learner.max_failures restarts)
+
+
+def init_worker(seed: int, learner: dict) -> torch.device:
+    """Seed and size this worker's torch; its device (cuda:<local rank> on GPU workers, else cpu)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, learner["torch_threads"] or int(learner["num_cpus_per_worker"])))
+    return ray.train.torch.get_device()
+
+
+def count_steps(train: dict, num_examples: int) -> int:
+    """Optimizer steps: `epochs` passes over the examples, capped at `max_steps`."""
+    steps = max(1, math.floor(train["epochs"] * num_examples / train["batch_size"]))
+    return min(steps, train["max_steps"] or steps)
+
+
+def build_engine(model: torch.nn.Module, train: dict, learner: dict, total_steps: int
+                 ) -> tuple[TrainEngine, torch.optim.Optimizer]:
+    """AdamW with linear warm-up and cosine decay, inside the configured engine."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train["warmup_steps"], total_steps))
+    accumulation = train["batch_size"] // (dist.get_world_size() * train["micro_batch_size"])
+    engine = make_train_engine(learner["backend"], model, optimizer, scheduler, train["micro_batch_size"],
+                               accumulation, learner["zero_stage"], train["grad_clip"], learner["dtype"])
+    return engine, optimizer
+
+
+def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, examples: list, micro_loss: MicroLoss,
+                train: dict, learner: dict, seed: int, total_steps: int, out_dir: Path, prefix: str) -> None:
+    """Steps 1..total_steps (from the last checkpoint on, if any): each takes `batch_size`
+    examples (`step_batch`), each worker its share in micro-batches; metrics per step (rank 0),
+    a checkpoint every `checkpoint_every` steps and at the end."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = restore(engine)
+    start_step = state["step"] if state else 0
+    log = MetricsLog(out_dir, total_steps, start_step, prefix=prefix) if rank == 0 else None
+    if rank == 0 and state:
+        print(f"{prefix}: resuming after step {start_step}", flush=True)
+    engine.module.train()
+    for step in range(start_step + 1, total_steps + 1):
+        if learner["fail_at_step"] == step and state is None:
+            raise RuntimeError(f"injected failure at step {step} (learner.fail_at_step)")
+        started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        mine = step_batch(examples, step, train["batch_size"], seed)[rank::world]
+        totals: dict[str, float] = {}
+        for i in range(0, len(mine), train["micro_batch_size"]):
+            loss, stats = micro_loss(mine[i:i + train["micro_batch_size"]])
+            engine.backward(loss)
+            engine.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=loss.device)
+        dist.all_reduce(summed)
+        micro_batches = world * math.ceil(len(mine) / train["micro_batch_size"])
+        values = dict(zip(totals, summed.tolist()))
+        tokens = values.pop("tokens", 0.0)
+        metrics = {key: value / micro_batches for key, value in values.items()}
+        metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started))
+        if log:
+            log.log(step, metrics)
+        if step % train["checkpoint_every"] == 0 or step == total_steps:
+            save_checkpoint(engine, {"step": step}, metrics)
+    if log:
+        log.close()
+
+
+def step_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
+    """The examples of optimizer step `step` (1-based): consecutive places in a stream of
+    epochs, each epoch a seeded shuffle; identical on every worker and after a resume."""
+    positions = range((step - 1) * batch_size, step * batch_size)
+    orders = {e: epoch_order(len(examples), seed, e) for e in {p // len(examples) for p in positions}}
+    return [examples[orders[p // len(examples)][p % len(examples)]] for p in positions]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def export_hf(model, state_dict: dict, tokenizer, folder: Path) -> None:
+    """A Hugging Face folder (safetensors + tokenizer), written whole or not at all (rank 0)."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
 
 
 def save_checkpoint(engine: TrainEngine, state: dict, metrics: dict) -> None:

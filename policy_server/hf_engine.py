@@ -7,13 +7,12 @@ batch, token log-probabilities, stop strings, and n samples that share one prefi
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-from dataclasses import dataclass
+import itertools
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from policy_server.batching import DynamicBatcher
 from policy_server.engine import Generation, SamplingParams, per_prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,85 +134,37 @@ class HFEngine:
         return None
 
 
-@dataclass
-class _Request:
-    prompts: list[str]
-    params: list[SamplingParams]
-    future: asyncio.Future
-
-
 class BatchingHFEngine:
-    """`HFEngine` behind a queue: whatever is queued when the engine frees up (up to
+    """`HFEngine` behind a `DynamicBatcher`: whatever is queued when the engine frees up (up to
     `max_batch_size` rows, waiting at most `batch_wait_ms` for more) runs as one batch, so
-    episodes of all rollout workers share the forward passes. One engine thread runs batches
-    and weight loads one at a time."""
+    episodes of all rollout workers share the forward passes. Batches and weight loads run
+    one at a time on the engine's thread."""
 
     name = "hf"
 
     def __init__(self, engine: HFEngine, max_batch_size: int = 32, batch_wait_ms: float = 5.0):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._queue: asyncio.Queue[_Request] | None = None
-        self._stats = {"requests": 0, "batches": 0, "prompts": 0}
+        self._batcher = DynamicBatcher(self._run_batch, max_batch_size, batch_wait_ms / 1000,
+                                       size=lambda request: sum(p.n for p in request[1]))
+        self._stats = {"requests": 0, "prompts": 0}
 
     async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
-        if self._queue is None:  # created inside the actor's event loop
-            self._queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._batch_loop())
-        request = _Request(prompts, params, asyncio.get_running_loop().create_future())
         self._stats["requests"] += 1
-        await self._queue.put(request)
-        return await request.future
+        return await self._batcher.submit((prompts, params))
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.engine.load_weights, state_dict)
+        await self._batcher.run_exclusive(self.engine.load_weights, state_dict)
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return {**self._stats, "batches": self._batcher.batches}
 
     def shutdown(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._batcher.shutdown()
 
-    async def _next_batch(self) -> list[_Request]:
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        rows = sum(p.n for p in batch[0].params)
-        deadline = loop.time() + self.batch_wait_s
-        while rows < self.max_batch_size:
-            if self._queue.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    request = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                request = self._queue.get_nowait()
-            batch.append(request)
-            rows += sum(p.n for p in request.params)
-        return batch
-
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            prompts = [p for r in batch for p in r.prompts]
-            params = [p for r in batch for p in r.params]
-            try:
-                outputs = await loop.run_in_executor(self._thread, self.engine.generate, prompts, params)
-            except Exception as e:  # fail the batch's requests, keep serving
-                for r in batch:
-                    if not r.future.done():  # a caller may have been cancelled meanwhile
-                        r.future.set_exception(e)
-                continue
-            self._stats["batches"] += 1
-            self._stats["prompts"] += len(prompts)
-            start = 0
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_result(outputs[start:start + len(r.prompts)])
-                start += len(r.prompts)
+    def _run_batch(self, requests: list[tuple[list[str], list[SamplingParams]]]) -> list[list[list[Generation]]]:
+        prompts = [p for r in requests for p in r[0]]
+        outputs = self.engine.generate(prompts, [p for r in requests for p in r[1]])
+        self._stats["prompts"] += len(prompts)
+        starts = itertools.accumulate([len(r[0]) for r in requests], initial=0)
+        return [outputs[start:start + len(r[0])] for start, r in zip(starts, requests)]

@@ -20,12 +20,17 @@ the episodes in flight and a re-run skips the shards that exist.
 | won                  | the game was won at this step (only ever on the last step)         |
 | policy_version       | weights version that wrote the response; -1 for expert and random  |
 | worker_id            | the rollout worker that played the episode                         |
+| candidates           | distinct actions the PRM chose among (Best-of-N); 1 without a PRM  |
+| prm_score            | the PRM's Q of the played response; null without a PRM             |
+
+Shards written before a column existed read it as null.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,7 +39,8 @@ SCHEMA = pa.schema([
     ("game_id", pa.string()), ("task_type", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
     ("prompt", pa.string()), ("response", pa.string()), ("action", pa.string()), ("valid", pa.bool_()),
     ("observation", pa.string()), ("reward", pa.float32()), ("done", pa.bool_()), ("won", pa.bool_()),
-    ("policy_version", pa.int32()), ("worker_id", pa.int32()),
+    ("policy_version", pa.int32()), ("worker_id", pa.int32()), ("candidates", pa.int32()),
+    ("prm_score", pa.float32()),
 ])
 
 
@@ -54,6 +60,8 @@ class StepRecord:
     won: bool
     policy_version: int
     worker_id: int
+    candidates: int = 1
+    prm_score: Optional[float] = None
 
 
 assert [f.name for f in fields(StepRecord)] == SCHEMA.names, "StepRecord and SCHEMA must list the same columns"

@@ -8,17 +8,20 @@ import ray
 from tqdm import tqdm
 
 from policy_server import PolicyClient, SamplingParams
+from prm_service import PRMClient
 from rollout_workers.records import StepRecord, shard_path, write_episode
 from rollout_workers.worker import EpisodeTask, RolloutWorker
 
 
-def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None) -> list:
+def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None,
+                          prm: PRMClient | None = None) -> list:
     """`cfg.rollout.num_workers` actors, each with `cfg.rollout.envs_per_worker` environments.
 
-    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy`.
+    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy`, and with `prm`
+    plays Best-of-`policy.best_of_n`.
     """
     sampling = SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
-                              max_tokens=cfg.policy.max_new_tokens)
+                              max_tokens=cfg.policy.max_new_tokens, n=cfg.policy.best_of_n if prm else 1)
     actor = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus, resources=dict(cfg.rollout.resources),
         max_concurrency=cfg.rollout.envs_per_worker,
@@ -26,7 +29,7 @@ def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyCl
     )
     return [
         actor.remote(i, cfg.rollout.envs_per_worker, agent, tokenizer_path, cfg.env.max_steps,
-                     cfg.prompt.history_turns, policy, sampling)
+                     cfg.prompt.history_turns, policy, sampling, prm)
         for i in range(cfg.rollout.num_workers)
     ]
 

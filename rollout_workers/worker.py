@@ -4,6 +4,9 @@
 slot per environment, so while one episode awaits the policy server, the worker steps
 another; episodes of all workers meet in the policy server's batches. An episode's requests
 all go to one replica (its prompts share their history: prefix caching).
+
+With a PRM (Best-of-N), each step samples N responses, merges those that send the same
+command, and plays the one the PRM scores highest.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass, replace
 from agent import AgentState, command_to_send, format_response, parse_action, render_prompt
 from envs import AlfworldEnv, Game
 from policy_server import PolicyClient, SamplingParams
+from prm_service import PRMClient
 from rollout_workers.records import StepRecord
 
 NOT_THE_POLICY = -1  # policy_version of expert and random steps
@@ -29,11 +33,22 @@ class EpisodeTask:
         return f"{self.game.game_id}#{self.episode_index}"
 
 
+@dataclass
+class Action:
+    """What the agent sent at one step, and how it was chosen."""
+    response: str
+    policy_version: int
+    candidates: int = 1
+    prm_score: float | None = None
+
+
 class RolloutWorker:
-    """Use through `start_rollout_workers`. `agent` is "llm", "expert" or "random"."""
+    """Use through `start_rollout_workers`. `agent` is "llm", "expert" or "random"; with `prm`,
+    the llm agent plays Best-of-`sampling.n`."""
 
     def __init__(self, worker_id: int, num_envs: int, agent: str, tokenizer_path: str, max_steps: int,
-                 history_turns: int, policy: PolicyClient | None, sampling: SamplingParams | None = None):
+                 history_turns: int, policy: PolicyClient | None, sampling: SamplingParams | None = None,
+                 prm: PRMClient | None = None):
         from transformers import AutoTokenizer
 
         self.worker_id = worker_id
@@ -42,6 +57,7 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.policy = policy
         self.sampling = sampling
+        self.prm = prm
         self._free_envs = [AlfworldEnv(max_steps=max_steps) for _ in range(num_envs)]
 
     async def play(self, task: EpisodeTask) -> list[StepRecord]:
@@ -54,15 +70,16 @@ class RolloutWorker:
             steps: list[StepRecord] = []
             while True:
                 prompt = render_prompt(self.tokenizer, state, self.history_turns)
-                response, version = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
-                action = command_to_send(response)
-                valid = parse_action(response) is not None and action in state.admissible_commands
+                act = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
+                action = command_to_send(act.response)
+                valid = parse_action(act.response) is not None and action in state.admissible_commands
                 obs = env.step(action)
                 steps.append(StepRecord(
                     game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,
-                    step=len(steps), prompt=prompt, response=response, action=action, valid=valid,
+                    step=len(steps), prompt=prompt, response=act.response, action=action, valid=valid,
                     observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
-                    policy_version=version, worker_id=self.worker_id,
+                    policy_version=act.policy_version, worker_id=self.worker_id, candidates=act.candidates,
+                    prm_score=act.prm_score,
                 ))
                 if obs.done:
                     return steps
@@ -72,10 +89,24 @@ class RolloutWorker:
             self._free_envs.append(env)
 
     async def _act(self, prompt: str, state: AgentState, env: AlfworldEnv, task: EpisodeTask,
-                   rng: random.Random, seed: int) -> tuple[str, int]:
+                   rng: random.Random, seed: int) -> Action:
         if self.agent == "expert":
-            return format_response(env.expert_action()), NOT_THE_POLICY
+            return Action(format_response(env.expert_action()), NOT_THE_POLICY)
         if self.agent == "random":
-            return format_response(rng.choice(state.admissible_commands)), NOT_THE_POLICY
+            return Action(format_response(rng.choice(state.admissible_commands)), NOT_THE_POLICY)
         result = await self.policy.generate([prompt], replace(self.sampling, seed=seed), session=task.episode_id)
-        return result.generations[0][0].text, result.policy_version
+        responses = [g.text for g in result.generations[0]]
+        if self.prm is None:
+            return Action(responses[0], result.policy_version)
+        return await self._best_of_n(prompt, responses, result.policy_version)
+
+    async def _best_of_n(self, prompt: str, responses: list[str], policy_version: int) -> Action:
+        """The PRM's argmax among the samples, one per distinct command (the first sample that
+        sends it); invalid samples compete too: the PRM has seen such actions fail."""
+        by_command: dict[str, str] = {}
+        for response in responses:
+            by_command.setdefault(command_to_send(response), response)
+        candidates = list(by_command.values())
+        scored = await self.prm.score(prompt, candidates)
+        best = max(range(len(candidates)), key=lambda i: scored.scores[i])  # the first of equal scores
+        return Action(candidates[best], policy_version, len(candidates), scored.scores[best])

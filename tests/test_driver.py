@@ -88,3 +88,34 @@ def test_sft_mode_runs_demos_training_and_evaluation_and_resumes(tiny_model, tmp
     # Re-running resumes past every finished stage: no demonstrations, no training again.
     again = run_driver(*args)
     assert "π0:" not in again.stdout and "demonstrations:" not in again.stdout
+
+
+def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_model, tmp_path):
+    run_dir = tmp_path / "critic"
+    args = [f"run_dir={run_dir}", "mode=critic", f"policy.model={tiny_model}", "critic.num_games=2",
+            "critic.rollouts_per_game=2", "critic.val_fraction=0.5", "env.max_steps=3", "policy.max_new_tokens=6",
+            "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2", "prm.batch_size=2",
+            "prm.micro_batch_size=1", "prm.max_steps=2", "critic.best_of_n=[1,2]", "eval.num_games=1"]
+    proc = run_driver(*args)
+    critic = run_dir / "critic"
+    dataset = json.loads((critic / "dataset.json").read_text())
+    assert dataset["episodes"] == 4 and dataset["transitions"] == 12 and dataset["rollouts"]["split"] == "train"
+    assert sum(dataset["target_histogram"]["counts"]) == dataset["unique_state_actions"]
+    assert pq.read_table(critic / "qtargets.parquet").num_rows == dataset["unique_state_actions"]
+    assert (critic / "prm/model.safetensors").is_file() and (critic / "qtargets.png").is_file()
+    assert json.loads((critic / "prm/config.json").read_text())["architectures"][0].endswith(
+        "ForSequenceClassification")
+    assert len((critic / "metrics.jsonl").read_text().splitlines()) == 2
+    bon = json.loads((run_dir / "bon.json").read_text())
+    assert set(bon["success_rate"]) == {"1", "2"} and (run_dir / "bon.png").is_file()
+    for n in (1, 2):
+        report = json.loads((run_dir / f"bon_{n}.json").read_text())
+        assert report["best_of_n"] == n and report["prm"] == str(critic / "prm")
+        steps = pq.read_table(run_dir / f"bon_{n}").to_pylist()
+        assert all(s["prm_score"] is not None and 1 <= s["candidates"] <= n for s in steps)
+    assert "stage 2: PRM" in proc.stdout
+    # Re-running redoes nothing: no rollouts, no training (the PRM folder stays as it was).
+    mtime = (critic / "prm/model.safetensors").stat().st_mtime_ns
+    again = run_driver(*args)
+    assert (critic / "prm/model.safetensors").stat().st_mtime_ns == mtime
+    assert "llm on train" not in again.stderr and "absolute examples" not in again.stdout

@@ -1,0 +1,130 @@
+"""AgentPRM stage 1: Monte Carlo Q-targets from rollouts of the current policy.
+
+For an episode of length T with outcome r (+1 won, -1 lost), step t gets the discounted
+return to go gamma^(T-1-t) * r (or gamma^t * r, the reference code's `from_start`).
+Identical (state, action) pairs, that is the same rendered prompt (task, history,
+observation, candidates) and the same command, are merged and their returns averaged:
+the Monte Carlo estimate of Q. The loss reads it rescaled to [0, 1]. Preference pairs for
+the relative loss are actions at one state whose targets differ by more than a margin.
+
+Games, not steps, are split into train and validation, so validation states are unseen.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DISCOUNTS = ("to_go", "from_start")
+
+QTARGET_SCHEMA = pa.schema([
+    ("game_id", pa.string()), ("task_type", pa.string()), ("split", pa.string()),
+    ("prompt", pa.string()), ("action", pa.string()),
+    ("response", pa.string()),  # the response most often written for this action (first seen on ties)
+    ("mc_return", pa.float32()),  # mean discounted return in [-1, 1]
+    ("target", pa.float32()),  # (mc_return + 1) / 2, the loss's soft label
+    ("visits", pa.int32()), ("wins", pa.int32()),  # visits from episodes that were won
+])
+PAIR_SCHEMA = pa.schema([
+    ("game_id", pa.string()), ("split", pa.string()), ("prompt", pa.string()),
+    ("chosen", pa.string()), ("rejected", pa.string()),
+    ("chosen_target", pa.float32()), ("rejected_target", pa.float32()),
+])
+
+
+def split_games(game_ids: list[str], val_fraction: float, seed: int) -> set[str]:
+    """The validation games: a seeded sample of ceil(fraction x games), none if fraction is 0."""
+    games = sorted(set(game_ids))
+    random.Random(seed).shuffle(games)
+    return set(games[:math.ceil(val_fraction * len(games))])
+
+
+def episode_returns(length: int, won: bool, gamma: float, discount: str) -> list[float]:
+    r = 1.0 if won else -1.0
+    if discount == "to_go":
+        return [gamma ** (length - 1 - t) * r for t in range(length)]
+    if discount == "from_start":
+        return [gamma ** t * r for t in range(length)]
+    raise ValueError(f"unknown discount {discount!r}; one of {DISCOUNTS}")
+
+
+def q_targets(steps: pa.Table, gamma: float, discount: str, val_games: set[str]) -> pa.Table:
+    """One row per distinct (prompt, action) of the step records, with its MC estimate."""
+    episodes: dict[str, list[dict]] = defaultdict(list)
+    for row in steps.select(["episode_id", "game_id", "task_type", "step", "prompt", "response", "action",
+                             "won"]).to_pylist():
+        episodes[row["episode_id"]].append(row)
+    merged: dict[tuple[str, str], dict] = {}
+    for episode_id in sorted(episodes):
+        rows = sorted(episodes[episode_id], key=lambda r: r["step"])
+        won = any(r["won"] for r in rows)
+        for row, ret in zip(rows, episode_returns(len(rows), won, gamma, discount)):
+            entry = merged.setdefault((row["prompt"], row["action"]), {
+                "game_id": row["game_id"], "task_type": row["task_type"], "returns": [], "wins": 0,
+                "responses": defaultdict(int)})
+            entry["returns"].append(ret)
+            entry["wins"] += won
+            entry["responses"][row["response"]] += 1
+    out = []
+    for (prompt, action), e in merged.items():
+        mc = float(np.mean(e["returns"]))
+        out.append({"game_id": e["game_id"], "task_type": e["task_type"],
+                    "split": "val" if e["game_id"] in val_games else "train", "prompt": prompt, "action": action,
+                    "response": max(e["responses"], key=e["responses"].get),  # dicts keep first-seen order
+                    "mc_return": mc, "target": (mc + 1) / 2, "visits": len(e["returns"]), "wins": e["wins"]})
+    return pa.Table.from_pylist(out, schema=QTARGET_SCHEMA)
+
+
+def preference_pairs(targets: pa.Table, margin: float) -> pa.Table:
+    """(chosen, rejected) for every two actions at one state whose targets differ by > margin."""
+    by_state: dict[str, list[dict]] = defaultdict(list)
+    for row in targets.select(["game_id", "split", "prompt", "response", "target"]).to_pylist():
+        by_state[row["prompt"]].append(row)
+    pairs = []
+    for prompt, rows in by_state.items():
+        for a in rows:
+            for b in rows:
+                if a["target"] - b["target"] > margin:
+                    pairs.append({"game_id": a["game_id"], "split": a["split"], "prompt": prompt,
+                                  "chosen": a["response"], "rejected": b["response"],
+                                  "chosen_target": a["target"], "rejected_target": b["target"]})
+    return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA)
+
+
+def summarize_dataset(steps: pa.Table, targets: pa.Table, pairs: pa.Table) -> dict:
+    """The numbers the stage reports: sizes, how often states repeat, the target histogram."""
+    per_state = defaultdict(int)
+    for prompt in targets["prompt"].to_pylist():
+        per_state[prompt] += 1
+    won_episodes = {e for e, w in zip(steps["episode_id"].to_pylist(), steps["won"].to_pylist()) if w}
+    counts, edges = np.histogram(targets["target"].to_numpy(), bins=10, range=(0.0, 1.0))
+    split = targets["split"].to_pylist()
+    return {
+        "transitions": steps.num_rows,
+        "episodes": len(set(steps["episode_id"].to_pylist())),
+        "episodes_won": len(won_episodes),
+        "unique_state_actions": targets.num_rows,
+        "unique_states": len(per_state),
+        "states_with_several_actions": sum(n > 1 for n in per_state.values()),
+        "pairs": pairs.num_rows,
+        "train_state_actions": split.count("train"), "val_state_actions": split.count("val"),
+        "val_games": len({g for g, s in zip(targets["game_id"].to_pylist(), split) if s == "val"}),
+        "target_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()},
+    }
+
+
+def build_dataset(steps: pa.Table, out_dir: Path, gamma: float, discount: str, margin: float,
+                  val_fraction: float, seed: int) -> dict:
+    """Q-targets, pairs and their summary from rollouts: qtargets.parquet, pairs.parquet."""
+    val_games = split_games(steps["game_id"].to_pylist(), val_fraction, seed)
+    targets = q_targets(steps, gamma, discount, val_games)
+    pairs = preference_pairs(targets, margin)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(targets, out_dir / "qtargets.parquet")
+    pq.write_table(pairs, out_dir / "pairs.parquet")
+    return summarize_dataset(steps, targets, pairs)

@@ -1,0 +1,106 @@
+"""PRM service: Ray actors that score (state, action) pairs in batches, behind one handle.
+
+Rollout workers (Best-of-N) and the DPO learner ask for the scores of a few responses to
+one prompt at a time; each replica merges concurrent requests into one batch (up to
+`prm_service.max_batch_size` pairs, waiting at most `max_wait_ms`), and encodes each
+distinct prompt once. A newer PRM checkpoint replaces the weights in place, between
+batches, and every score carries the PRM version that produced it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from policy_server.batching import DynamicBatcher
+from prm_service.scorer import PRMScorer, ScoreRequest
+
+
+@dataclass
+class ScoreResult:
+    scores: list[float]  # Q(s, a) of each response, in order
+    prm_version: int
+
+
+class PRMServer:
+    """One replica. Use through `start_prm_servers`, which returns a `PRMClient`."""
+
+    def __init__(self, model_path: str, prm_cfg: dict, version: int = 0):
+        torch.set_num_threads(max(1, prm_cfg["torch_threads"] or int(prm_cfg["num_cpus"])))
+        self.scorer = PRMScorer(model_path, device=prm_cfg["device"], dtype=prm_cfg["dtype"],
+                                trust_remote_code=prm_cfg["trust_remote_code"], share_prompt=prm_cfg["share_prompt"])
+        self.version = version
+        self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
+                                       size=lambda request: len(request.responses))
+        self._stats = {"requests": 0, "pairs": 0}
+
+    async def score(self, prompt: str, responses: list[str]) -> ScoreResult:
+        self._stats["requests"] += 1
+        return await self._batcher.submit(ScoreRequest(prompt, list(responses)))
+
+    async def load(self, model_path: str, version: int) -> int:
+        """Load a newer checkpoint (a version not above the current one is ignored); returns
+        the version now served."""
+        if version > self.version:
+            await self._batcher.run_exclusive(self.scorer.load, model_path)
+            self.version = version
+        return self.version
+
+    def get_stats(self) -> dict[str, int]:
+        return {**self._stats, "batches": self._batcher.batches, "forward_passes": self.scorer.forward_passes,
+                "version": self.version}
+
+    def shutdown(self) -> None:
+        self._batcher.shutdown()
+
+    def _run_batch(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        scores = self.scorer.score(requests)
+        self._stats["pairs"] += sum(len(s) for s in scores)
+        return [ScoreResult(s, self.version) for s in scores]
+
+
+@dataclass
+class PRMClient:
+    """All PRM replicas behind one handle (picklable: rollout workers and learners hold one);
+    requests are spread round-robin, checkpoint loads reach every replica."""
+    servers: list
+
+    def __post_init__(self):
+        self._turn = itertools.count()
+
+    def __getstate__(self):
+        return {"servers": self.servers}
+
+    def __setstate__(self, state):
+        self.servers = state["servers"]
+        self.__post_init__()
+
+    def score(self, prompt: str, responses: list[str]) -> ray.ObjectRef:
+        """An ObjectRef of a `ScoreResult` (await it in async code, ray.get it elsewhere)."""
+        return self.servers[next(self._turn) % len(self.servers)].score.remote(prompt, responses)
+
+    def load(self, model_path: str, version: int, timeout_s: float = 600) -> list[int]:
+        return ray.get([s.load.remote(model_path, version) for s in self.servers], timeout=timeout_s)
+
+    def stats(self) -> list[dict[str, int]]:
+        return ray.get([s.get_stats.remote() for s in self.servers], timeout=60)
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([s.shutdown.remote() for s in self.servers], timeout=60)
+        finally:
+            for s in self.servers:
+                ray.kill(s)
+
+
+def start_prm_servers(prm_cfg: Any, model_path: str, version: int = 0) -> PRMClient:
+    """`prm_service.replicas` actors serving the PRM at `model_path`, behind one `PRMClient`."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(prm_cfg, resolve=True) if not isinstance(prm_cfg, dict) else prm_cfg
+    actor = ray.remote(PRMServer).options(num_cpus=cfg["num_cpus"], num_gpus=cfg["num_gpus"],
+                                          resources=dict(cfg["resources"]), max_concurrency=10_000)
+    return PRMClient([actor.remote(model_path, cfg, version) for _ in range(cfg["replicas"])])

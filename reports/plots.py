@@ -1,0 +1,46 @@
+"""One function per figure; each takes the numbers already saved as JSON and writes a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_best_of_n(success_by_n: dict[int, float], path: Path, title: str) -> Path:
+    """Success rate against N (the paper's Figure 2b), N on a log-2 axis."""
+    ns = sorted(success_by_n)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ns, [100 * success_by_n[n] for n in ns], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set(xlabel="N (samples per step)", ylabel="success rate (%)", title=title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_target_histogram(histogram: dict, path: Path, title: str) -> Path:
+    """Counts of the Q-targets (rescaled to [0, 1]) per bin."""
+    edges, counts = histogram["edges"], histogram["counts"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge", edgecolor="black")
+    ax.set(xlabel="Q-target (rescaled to [0, 1])", ylabel="(state, action) pairs", title=title)
+    return _save(fig, path)
+
+
+def plot_reliability(reliability: list[dict], path: Path, title: str) -> Path:
+    """Mean sigmoid(Q) against the mean Monte Carlo target per bin; the diagonal is calibrated."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--")
+    ax.plot([b["mean_prediction"] for b in reliability], [b["mean_target"] for b in reliability], marker="o")
+    ax.set(xlabel="mean sigmoid(Q)", ylabel="mean Q-target", xlim=(0, 1), ylim=(0, 1), title=title)
+    return _save(fig, path)
