@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import random
 import sys
 import time
 import zlib
@@ -92,15 +93,19 @@ def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 
 
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
-         episodes_per_game: int, model: str | None = None) -> tuple[pa.Table, dict]:
-    """Play `episodes_per_game` episodes of the split's first `num_games` games with `model`
+         episodes_per_game: int, model: str | None = None, sample_games: bool = False) -> tuple[pa.Table, dict]:
+    """Play `episodes_per_game` episodes of the split's first `num_games` games (with
+    `sample_games`, a sample of them seeded by `seed`, spanning the task types) with `model`
     (default `policy.model`), one shard per episode in `episodes_dir`; with
     `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM.
 
     Returns the episodes' step records and their report (success overall and per task type).
     """
     model = model or cfg.policy.model
-    games = list_games(split, resolve_data_root(cfg.data.archive))[:num_games]
+    games = list_games(split, resolve_data_root(cfg.data.archive))
+    if sample_games and num_games is not None and num_games < len(games):
+        games = sorted(random.Random(cfg.seed).sample(games, num_games), key=lambda g: g.game_id)
+    games = games[:num_games]
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(model)
@@ -170,17 +175,19 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
 def critic(cfg: DictConfig, run_dir: Path) -> dict:
     """AgentPRM stages 1 and 2 for the policy `policy.model`, then Best-of-N with the new PRM.
 
-    Stage 1: `critic.rollouts_per_game` episodes per game at `critic.temperature` (critic/rollouts/),
-    their Monte Carlo Q-targets and preference pairs (critic/qtargets.parquet, pairs.parquet,
-    dataset.json). Stage 2: the PRM (critic/prm/, a Hugging Face folder) and its validation
-    report (critic/prm_report.json). Then Best-of-N(policy, PRM) on `eval.split` for each N
-    of `critic.best_of_n` (bon_<N>/, bon.json, bon.png). Finished stages are not redone.
+    Stage 1: `critic.rollouts_per_game` episodes per game of the policy alone at
+    `critic.temperature` (critic/rollouts/), their Monte Carlo Q-targets and preference pairs
+    (critic/qtargets.parquet, pairs.parquet, dataset.json). Stage 2: the PRM (critic/prm/, a
+    Hugging Face folder) and its validation report (critic/prm_report.json). Then
+    Best-of-N(policy, PRM) on `eval.split` for each N of `critic.best_of_n` (in the run
+    directory: bon_<N>/, bon_<N>.json, bon.json, bon.png). Finished stages are not redone.
     """
     out = run_dir / "critic"
     if not (out / "dataset.json").exists():
-        rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature})
+        rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
+                                           "prm_service.model": None})
         steps, rollouts = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
-                               cfg.critic.rollouts_per_game)
+                               cfg.critic.rollouts_per_game, sample_games=True)
         print(format_report(rollouts))
         dataset = build_dataset(steps, out, cfg.critic.gamma, cfg.critic.discount, cfg.critic.pair_margin,
                                 cfg.critic.val_fraction, cfg.seed)
@@ -209,7 +216,7 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
     success: dict[int, float] = {}
     for n in cfg.critic.best_of_n:
         bon_cfg = with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
-                                       "policy.temperature": cfg.critic.best_of_n_temperature})
+                                       "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
         success[n] = evaluate(bon_cfg, run_dir, name=f"bon_{n}")["success_rate"]
     if success:
         (run_dir / "bon.json").write_text(json.dumps({"split": cfg.eval.split, "success_rate": success}, indent=2))

@@ -31,34 +31,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from agent import AgentState, render_prompt  # noqa: E402
-from bench import machine  # noqa: E402
+from agent import render_prompt  # noqa: E402
+from bench import expert_states, machine  # noqa: E402
 from configs import REPO_ROOT, load_config  # noqa: E402
-from envs import AlfworldEnv, list_games, resolve_data_root  # noqa: E402
 from policy_server import SamplingParams, resolve_model  # noqa: E402
 from policy_server.server import make_engine  # noqa: E402
-
-PROMPT_STEPS = (0, 3, 6, 9)
-
-
-def expert_prompts(cfg, model_path: str, num_games: int) -> list[str]:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    games = list_games("eval_out_of_distribution", resolve_data_root(cfg.data.archive))[:num_games]
-    env, prompts = AlfworldEnv(max_steps=cfg.env.max_steps), []
-    for game in games:
-        obs = env.reset(game)
-        state = AgentState(env.task, obs.text, obs.admissible_commands)
-        for step in range(max(PROMPT_STEPS) + 1):
-            if step in PROMPT_STEPS:
-                prompts.append(render_prompt(tokenizer, state, cfg.prompt.history_turns))
-            if obs.done:
-                break
-            action = env.expert_action()
-            obs = env.step(action)
-            state.advance(action, obs.text, obs.admissible_commands)
-    env.close()
-    return prompts
-
 
 async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], max_tokens: int,
                   repeats: int) -> dict:
@@ -111,8 +88,9 @@ def main() -> None:
     cfg = load_config([f"policy.torch_threads={args.threads}", "policy.device=cpu"])
     torch.set_num_threads(args.threads)
     model_path = resolve_model(cfg.policy.model)
-    prompts = expert_prompts(cfg, model_path, args.games)
-    lengths = [len(AutoTokenizer.from_pretrained(model_path).encode(p)) for p in prompts]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = [render_prompt(tokenizer, s, cfg.prompt.history_turns) for s in expert_states(cfg, args.games)]
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
     results = {"machine": machine(args.threads), "model": cfg.policy.model, "max_tokens": args.max_tokens,
                "prompt_tokens_mean": round(sum(lengths) / len(lengths), 1), "vllm": cfg_dict(cfg.policy.vllm),
                "runs": []}

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def validate(cfg: DictConfig) -> None:
 
     try:
         resolve_model(cfg.policy.model, check_only=True)
+        if cfg.mode == "critic" and cfg.prm.init != "policy":
+            resolve_model(cfg.prm.init, check_only=True)
         resolve_data_root(cfg.data.archive, check_only=True)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None
@@ -151,6 +154,9 @@ def _check_critic(cfg: DictConfig) -> None:
     _check(critic.rollouts_per_game >= 1, "critic.rollouts_per_game must be at least 1")
     _check(0 < critic.gamma <= 1, "critic.gamma must be in (0, 1]")
     _check(0 <= critic.val_fraction < 1, "critic.val_fraction must be in [0, 1)")
+    if critic.num_games is not None and critic.val_fraction > 0:
+        _check(math.ceil(critic.val_fraction * critic.num_games) < critic.num_games,
+               f"critic.val_fraction={critic.val_fraction} holds out all {critic.num_games} games of critic.num_games")
     _check(critic.pair_margin >= 0, "critic.pair_margin must be >= 0")
     _check(critic.temperature >= 0 and critic.best_of_n_temperature >= 0, "critic temperatures must be >= 0")
     _check(all(n >= 1 for n in critic.best_of_n), "critic.best_of_n: every N must be at least 1")
@@ -165,8 +171,23 @@ def _check_critic(cfg: DictConfig) -> None:
     _one_of(service.dtype, DTYPES, "prm_service.dtype")
     for key in ("replicas", "max_batch_size"):
         _check(service[key] >= 1, f"prm_service.{key} must be at least 1")
-    _check(service.model is None or (Path(service.model) / "config.json").is_file(),
-           f"prm_service.model: {service.model} is not a PRM folder (no config.json)")
+    for key in ("num_cpus", "num_gpus", "max_wait_ms"):
+        _check(service[key] >= 0, f"prm_service.{key} must be >= 0")
+    if service.device == "cuda":
+        _check(service.num_gpus > 0, "prm_service.device=cuda needs prm_service.num_gpus > 0")
+    if service.model is not None:
+        _check_prm_folder(service.model)
+
+
+def _check_prm_folder(folder: str) -> None:
+    import json
+
+    config = Path(folder) / "config.json"
+    _check(config.is_file(), f"prm_service.model: {folder} is not a Hugging Face folder (no config.json)")
+    arch = json.loads(config.read_text()).get("architectures") or [""]
+    _check(arch[0].endswith("ForSequenceClassification"),
+           f"prm_service.model: {folder} holds a {arch[0] or 'model'}, not a PRM (a sequence classifier); "
+           "mode=critic trains one")
 
 
 def _check_vllm(policy: DictConfig) -> None:

@@ -148,14 +148,14 @@ class SFTConfig(TrainConfig):
 class CriticConfig:
     """AgentPRM stage 1 (rollouts -> Monte Carlo Q-targets) and the Best-of-N report of mode=critic."""
     split: str = "train"
-    num_games: Optional[int] = None  # the first N games of the sorted split; null = all
+    num_games: Optional[int] = None  # a seeded sample of N games of the split (all task types); null = all
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
     temperature: float = 0.3  # sampling temperature of those rollouts (the paper: 0.3)
     gamma: float = 0.95
     # to_go: gamma^(T-1-t) * outcome (the paper); from_start: gamma^t * outcome (its reference code)
     discount: str = "to_go"
-    pair_margin: float = 0.03  # preference pairs: actions at one state whose targets differ by more
-    val_fraction: float = 0.1  # share of the games held out to validate the PRM (split by game)
+    pair_margin: float = 0.03  # preference pairs: actions at one state whose MC estimates ([-1, 1]) differ by more
+    val_fraction: float = 0.1  # share of the task folders (with all their games) held out to validate the PRM
     # After training: Best-of-N(policy, Q) on eval.split for each N (empty = skip), sampling at
     # this temperature (N = 1 is the policy sampled alone at that temperature).
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])

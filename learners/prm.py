@@ -58,6 +58,12 @@ def encode(tokenizer, prompt: str, response: str) -> list[int]:
     return prompt_ids + response_ids
 
 
+def usable(ids: list[int], max_seq_len: int, pad_id: int) -> bool:
+    """Rows the learner keeps: within `prm.max_seq_len`, and not ending in the pad token (the
+    classifier pools its last non-pad token; the service, its last token: they must agree)."""
+    return len(ids) <= max_seq_len and ids[-1] != pad_id
+
+
 def prm_recipe(config: dict) -> None:
     prm, learner = config["prm"], config["learner"]
     device = init_worker(config["seed"], learner)
@@ -73,18 +79,20 @@ def prm_recipe(config: dict) -> None:
     if prm["loss"] == "absolute":
         examples = [ScoredExample(encode(tokenizer, p, r), t) for p, r, t in zip(
             *(train_split(targets)[c].to_pylist() for c in ("prompt", "response", "target")))]
-        examples = [e for e in examples if len(e.input_ids) <= prm["max_seq_len"]]
+        kept = [e for e in examples if usable(e.input_ids, prm["max_seq_len"], pad_id)]
     else:
         examples = [PairExample(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in zip(
             *(train_split(pairs)[k].to_pylist() for k in ("prompt", "chosen", "rejected")))]
-        examples = [e for e in examples if max(len(e.chosen_ids), len(e.rejected_ids)) <= prm["max_seq_len"]]
+        kept = [e for e in examples if usable(e.chosen_ids, prm["max_seq_len"], pad_id)
+                and usable(e.rejected_ids, prm["max_seq_len"], pad_id)]
+    dropped, examples = len(examples) - len(kept), kept
     if not examples:
         raise ValueError(f"no {prm['loss']} training examples in {dataset} within prm.max_seq_len "
-                         f"(the relative loss needs states with actions whose targets differ)")
+                         f"({dropped} dropped; the relative loss needs states with actions whose targets differ)")
     total_steps = count_steps(prm, len(examples))
     if rank == 0:
-        print(f"prm: {len(examples)} {prm['loss']} examples, {total_steps} steps of {prm['batch_size']} "
-              f"on {world} workers", flush=True)
+        print(f"prm: {len(examples)} {prm['loss']} examples ({dropped} dropped: longer than prm.max_seq_len or "
+              f"ending in the pad token), {total_steps} steps of {prm['batch_size']} on {world} workers", flush=True)
 
     engine, optimizer = build_engine(model.to(device), prm, learner, total_steps)
 
@@ -107,17 +115,19 @@ def prm_recipe(config: dict) -> None:
 
     # Validation on the held-out games: every rank scores a share, rank 0 reports.
     engine.module.eval()
-    val = targets.filter(pc.equal(targets["split"], "val")).to_pylist()
-    val_pairs = pairs.filter(pc.equal(pairs["split"], "val")).to_pylist()
-    rows = ([encode(tokenizer, r["prompt"], r["response"])[-prm["max_seq_len"]:] for r in val]
-            + [encode(tokenizer, p["prompt"], p[k])[-prm["max_seq_len"]:] for k in ("chosen", "rejected")
-               for p in val_pairs])
-    q = score_rows(q_values, rows, prm["micro_batch_size"], rank, world)
+    # A pair's responses are rows of the targets table too: its scores are looked up there.
+    val = [r for r in targets.filter(pc.equal(targets["split"], "val")).to_pylist()
+           if usable(encode(tokenizer, r["prompt"], r["response"]), prm["max_seq_len"], pad_id)]
+    q = score_rows(q_values, [encode(tokenizer, r["prompt"], r["response"]) for r in val], prm["micro_batch_size"],
+                   rank, world)
+    q_of = {(r["prompt"], r["response"]): score for r, score in zip(val, q)}
+    val_pairs = [p for p in pairs.filter(pc.equal(pairs["split"], "val")).to_pylist()
+                 if (p["prompt"], p["chosen"]) in q_of and (p["prompt"], p["rejected"]) in q_of]
     weights = engine.export_state_dict()
     if rank == 0:
-        n, m = len(val), len(val_pairs)
-        report = validation_report(val, q[:n], q[n:n + m], q[n + m:])
-        report.update(loss=prm["loss"], train_examples=len(examples), steps=total_steps)
+        report = validation_report(val, q, np.array([q_of[(p["prompt"], p["chosen"])] for p in val_pairs]),
+                                   np.array([q_of[(p["prompt"], p["rejected"])] for p in val_pairs]))
+        report.update(loss=prm["loss"], train_examples=len(examples), train_dropped=dropped, steps=total_steps)
         (out_dir / "prm_report.json").write_text(json.dumps(report, indent=2))
         export_hf(engine.module, weights, tokenizer, out_dir / "prm")
 

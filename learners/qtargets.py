@@ -2,12 +2,15 @@
 
 For an episode of length T with outcome r (+1 won, -1 lost), step t gets the discounted
 return to go gamma^(T-1-t) * r (or gamma^t * r, the reference code's `from_start`).
-Identical (state, action) pairs, that is the same rendered prompt (task, history,
-observation, candidates) and the same command, are merged and their returns averaged:
-the Monte Carlo estimate of Q. The loss reads it rescaled to [0, 1]. Preference pairs for
-the relative loss are actions at one state whose targets differ by more than a margin.
+Identical (state, action) pairs, that is the same rendered prompt (task, the last
+`prompt.history_turns` turns, observation, candidates: exactly what the PRM reads) and the
+same command, are merged and their returns averaged: the Monte Carlo estimate of Q. The
+loss reads it rescaled to [0, 1]. Preference pairs for the relative loss are actions at
+one state whose estimates differ by more than a margin (on the [-1, 1] scale, as in the
+reference code).
 
-Games, not steps, are split into train and validation, so validation states are unseen.
+Games are split into train and validation by task folder (the trials of one task in one
+room share their first states), so validation states are unseen in training.
 """
 from __future__ import annotations
 
@@ -38,10 +41,12 @@ PAIR_SCHEMA = pa.schema([
 
 
 def split_games(game_ids: list[str], val_fraction: float, seed: int) -> set[str]:
-    """The validation games: a seeded sample of ceil(fraction x games), none if fraction is 0."""
-    games = sorted(set(game_ids))
-    random.Random(seed).shuffle(games)
-    return set(games[:math.ceil(val_fraction * len(games))])
+    """The validation games: those of a seeded sample of ceil(fraction x task folders) task
+    folders (a game id is "<task folder>/<trial folder>"); none if the fraction is 0."""
+    folders = sorted({g.split("/")[0] for g in game_ids})
+    random.Random(seed).shuffle(folders)
+    held_out = set(folders[:math.ceil(val_fraction * len(folders))])
+    return {g for g in game_ids if g.split("/")[0] in held_out}
 
 
 def episode_returns(length: int, won: bool, gamma: float, discount: str) -> list[float]:
@@ -59,37 +64,39 @@ def q_targets(steps: pa.Table, gamma: float, discount: str, val_games: set[str])
     for row in steps.select(["episode_id", "game_id", "task_type", "step", "prompt", "response", "action",
                              "won"]).to_pylist():
         episodes[row["episode_id"]].append(row)
-    merged: dict[tuple[str, str], dict] = {}
+    merged: dict[tuple[str, str, str], dict] = {}
     for episode_id in sorted(episodes):
         rows = sorted(episodes[episode_id], key=lambda r: r["step"])
         won = any(r["won"] for r in rows)
+        split = "val" if rows[0]["game_id"] in val_games else "train"
         for row, ret in zip(rows, episode_returns(len(rows), won, gamma, discount)):
-            entry = merged.setdefault((row["prompt"], row["action"]), {
+            entry = merged.setdefault((split, row["prompt"], row["action"]), {
                 "game_id": row["game_id"], "task_type": row["task_type"], "returns": [], "wins": 0,
                 "responses": defaultdict(int)})
             entry["returns"].append(ret)
             entry["wins"] += won
             entry["responses"][row["response"]] += 1
     out = []
-    for (prompt, action), e in merged.items():
+    for (split, prompt, action), e in merged.items():
         mc = float(np.mean(e["returns"]))
-        out.append({"game_id": e["game_id"], "task_type": e["task_type"],
-                    "split": "val" if e["game_id"] in val_games else "train", "prompt": prompt, "action": action,
+        out.append({"game_id": e["game_id"], "task_type": e["task_type"], "split": split, "prompt": prompt,
+                    "action": action,
                     "response": max(e["responses"], key=e["responses"].get),  # dicts keep first-seen order
                     "mc_return": mc, "target": (mc + 1) / 2, "visits": len(e["returns"]), "wins": e["wins"]})
     return pa.Table.from_pylist(out, schema=QTARGET_SCHEMA)
 
 
 def preference_pairs(targets: pa.Table, margin: float) -> pa.Table:
-    """(chosen, rejected) for every two actions at one state whose targets differ by > margin."""
-    by_state: dict[str, list[dict]] = defaultdict(list)
-    for row in targets.select(["game_id", "split", "prompt", "response", "target"]).to_pylist():
-        by_state[row["prompt"]].append(row)
+    """(chosen, rejected) for every two actions at one state whose Monte Carlo estimates
+    (in [-1, 1]) differ by more than `margin`."""
+    by_state: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in targets.select(["game_id", "split", "prompt", "response", "mc_return", "target"]).to_pylist():
+        by_state[(row["split"], row["prompt"])].append(row)
     pairs = []
-    for prompt, rows in by_state.items():
+    for (_, prompt), rows in by_state.items():
         for a in rows:
             for b in rows:
-                if a["target"] - b["target"] > margin:
+                if a["mc_return"] - b["mc_return"] > margin:
                     pairs.append({"game_id": a["game_id"], "split": a["split"], "prompt": prompt,
                                   "chosen": a["response"], "rejected": b["response"],
                                   "chosen_target": a["target"], "rejected_target": b["target"]})

@@ -70,6 +70,8 @@ class DynamicBatcher:
             batch = await self._next_batch()
             try:
                 results = await self.run_exclusive(self.run_batch, [p.item for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"a batch of {len(batch)} requests gave {len(results)} results")
             except Exception as e:  # fail this batch's callers, keep serving
                 for p in batch:
                     if not p.future.done():  # a caller may have been cancelled meanwhile

@@ -4,12 +4,14 @@ The PRM is the policy's backbone with a scalar head, a Hugging Face sequence cla
 with one label (`AutoModelForSequenceClassification`, loadable by other tools as is). It
 reads exactly what the policy saw and wrote: the rendered prompt, then the response, each
 encoded alone (`agent.encode_turn`), and Q(s, a) is the head's output on the last token
-(the prompt's own last token for an empty response), as the classifier's own forward pools.
+(the prompt's own last token for an empty response). That is the token the classifier's
+own forward pools (its last non-pad token) whenever a row does not end in the pad token,
+which the learner makes sure of.
 
 Best-of-N and DPO score several responses to one prompt. With `share_prompt`, the prompt
 is encoded once: one forward pass over the distinct prompts of a batch fills a KV cache,
-and one pass over all responses reads their prompt's rows of it. Without it, every pair
-is one full sequence. Both give the same scores.
+and one pass over all responses reads (a copy of) their prompt's rows of it. Without it,
+every pair is one full sequence. Both give the same scores.
 """
 from __future__ import annotations
 
@@ -70,12 +72,13 @@ class PRMScorer:
         self.model, self.tokenizer = load_prm(model_path, getattr(torch, dtype), trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id
-        self.share_prompt = share_prompt
+        self.share_prompt, self.trust_remote_code = share_prompt, trust_remote_code
         self.forward_passes = 0
+        self.prompt_rows = 0  # prompt encodings computed (each distinct prompt of a batch once, when shared)
 
     def load(self, model_path: str) -> None:
         """Replace the weights with those of a newer PRM checkpoint of the same architecture."""
-        model, _ = load_prm(model_path, self.model.dtype)
+        model, _ = load_prm(model_path, self.model.dtype, self.trust_remote_code)
         self.model.load_state_dict(model.state_dict())
 
     @torch.inference_mode()
@@ -91,6 +94,7 @@ class PRMScorer:
             ids, mask = pad_right([p + resp for _, (p, resp) in pairs], self.pad_id, self.device)
             flat = last_token_scores(self.model, ids, mask)
             self.forward_passes += 1
+            self.prompt_rows += len(pairs)
         flat = flat.tolist()
         out, start = [], 0
         for r in requests:
@@ -101,11 +105,11 @@ class PRMScorer:
     def _score_shared(self, requests: list[ScoreRequest], pairs) -> torch.Tensor:
         """One pass over the distinct prompts (KV cache), one over all responses."""
         prompt_row: dict[str, int] = {}
-        for r in requests:
-            prompt_row.setdefault(r.prompt, len(prompt_row))
-        prompt_ids = [None] * len(prompt_row)
+        prompt_ids: list[list[int]] = []
         for i, (p, _) in pairs:
-            prompt_ids[prompt_row[requests[i].prompt]] = p
+            if requests[i].prompt not in prompt_row:
+                prompt_row[requests[i].prompt] = len(prompt_ids)
+                prompt_ids.append(p)
         ids, mask = pad_right(prompt_ids, self.pad_id, self.device)
         out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
         rows = torch.tensor([prompt_row[requests[i].prompt] for i, _ in pairs], device=self.device)
@@ -121,6 +125,7 @@ class PRMScorer:
         hidden = self.model.base_model(input_ids=resp_ids, attention_mask=torch.cat([mask[rows], resp_mask], dim=1),
                                        position_ids=positions, past_key_values=cache).last_hidden_state
         self.forward_passes += 2
+        self.prompt_rows += len(prompt_ids)
         lengths = resp_mask.sum(dim=1)
         last = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).clamp(min=0)]
         last = torch.where((lengths > 0)[:, None], last, prompt_last)

@@ -44,8 +44,13 @@ class PRMServer:
     async def load(self, model_path: str, version: int) -> int:
         """Load a newer checkpoint (a version not above the current one is ignored); returns
         the version now served."""
+        return await self._batcher.run_exclusive(self._load, model_path, version)
+
+    def _load(self, model_path: str, version: int) -> int:
+        """On the model's thread, between batches: a batch sees the old weights and version or
+        the new ones, and of two loads in flight the newer version wins."""
         if version > self.version:
-            await self._batcher.run_exclusive(self.scorer.load, model_path)
+            self.scorer.load(model_path)
             self.version = version
         return self.version
 

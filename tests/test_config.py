@@ -33,6 +33,14 @@ def test_defaults_and_overrides(tmp_path):
     (["policy.vllm.weight_transfer=rdma"], "policy.vllm.weight_transfer='rdma' is not one of local_file, nccl"),
     (["policy.vllm.gpu_memory_utilization=1.5"], "policy.vllm.gpu_memory_utilization must be in (0, 1]"),
     (["policy.openai_port=70000"], "policy.openai_port must be a port number"),
+    (["prm.loss=hinge"], "prm.loss='hinge' is not one of absolute, relative"),
+    (["prm.batch_size=30"], "prm.batch_size (30) must be a multiple of learner.num_workers x prm.micro_batch_size"),
+    (["critic.discount=forward"], "critic.discount='forward' is not one of to_go, from_start"),
+    (["critic.num_games=1"], "critic.val_fraction=0.1 holds out all 1 games"),
+    (["policy.best_of_n=4", "policy.temperature=0.7"], "policy.best_of_n > 1 needs a PRM: prm_service.model"),
+    (["policy.best_of_n=4", "prm_service.model=."], "policy.best_of_n > 1 needs policy.temperature > 0"),
+    (["policy.best_of_n=4", "policy.temperature=1", "prm_service.model=configs"], "is not a Hugging Face folder"),
+    (["mode=critic", "prm.init=./no-such-model"], "model not found: ./no-such-model"),
 ])
 def test_bad_config_is_one_clear_line(args, message):
     with pytest.raises(ConfigError) as info:
@@ -74,3 +82,16 @@ def test_a_run_dir_keeps_its_config(tmp_path):
     save_config(cfg, tmp_path)  # the same config: a resume
     with pytest.raises(ConfigError, match=r"different config \(eval.num_games, seed\); use another run_dir"):
         save_config(load_config(["eval.num_games=4", "seed=1"]), tmp_path)
+
+
+def test_a_run_from_before_new_config_keys_still_resumes(tmp_path):
+    """Keys added to the schema later read as their defaults in an older run's config.yaml."""
+    cfg = load_config(["eval.num_games=3"])
+    save_config(cfg, tmp_path)
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    del saved["critic"]
+    del saved["prm"]["loss"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    save_config(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"different config \(prm.loss\)"):
+        save_config(load_config(["eval.num_games=3", "prm.loss=relative"]), tmp_path)

@@ -15,7 +15,8 @@ def check_episodes(table, tasks):
     by_episode = defaultdict(list)
     for row in table.to_pylist():
         for key in SCHEMA.names:
-            assert row[key] is not None, key
+            assert row[key] is not None or key == "prm_score", key  # no PRM here
+        assert row["prm_score"] is None and row["candidates"] == 1
         by_episode[row["episode_id"]].append(row)
     assert sorted(by_episode) == sorted(t.episode_id for t in tasks)
     for rows in by_episode.values():
