@@ -21,10 +21,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from agent import encode_turn
-from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_on_ray_train, train_steps
+from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps
 from prm_service import load_prm, pad_right
 
 LOSSES = ("absolute", "relative")
@@ -44,12 +43,7 @@ class PairExample:
 
 def train_prm(cfg, dataset_dir: Path, init_model: str, out_dir: Path) -> dict:
     """Train a PRM from `init_model` (a policy or PRM folder) on stage 1's data set."""
-    loop_config = {
-        "dataset_dir": str(dataset_dir.resolve()), "init_model": init_model, "out_dir": str(out_dir.resolve()),
-        "seed": cfg.seed, "prm": OmegaConf.to_container(cfg.prm), "learner": OmegaConf.to_container(cfg.learner),
-        "trust_remote_code": cfg.policy.trust_remote_code,
-    }
-    run_on_ray_train(prm_recipe, loop_config, cfg.learner, out_dir / "ray_train", name="prm")
+    run_recipe(prm_recipe, cfg, "prm", out_dir, dataset_dir=str(dataset_dir.resolve()), init_model=init_model)
     return json.loads((out_dir / "prm_report.json").read_text())
 
 
@@ -65,7 +59,7 @@ def usable(ids: list[int], max_seq_len: int, pad_id: int) -> bool:
 
 
 def prm_recipe(config: dict) -> None:
-    prm, learner = config["prm"], config["learner"]
+    prm, learner = config["train"], config["learner"]
     device = init_worker(config["seed"], learner)
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir, dataset = Path(config["out_dir"]), Path(config["dataset_dir"])

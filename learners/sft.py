@@ -12,27 +12,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from learners.data import collate, examples_from_steps, tokenize
-from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_on_ray_train, train_steps
+from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps
 
 
 def train_sft(cfg, demos: Path, base_model: str, out_dir: Path) -> Path:
     """Fine-tune `base_model` on the demonstrations; returns the Hugging Face folder of π0."""
-    loop_config = {
-        "demos": str(demos.resolve()), "base_model": base_model, "out_dir": str(out_dir.resolve()),
-        "seed": cfg.seed, "sft": OmegaConf.to_container(cfg.sft), "learner": OmegaConf.to_container(cfg.learner),
-        "trust_remote_code": cfg.policy.trust_remote_code,
-    }
-    run_on_ray_train(sft_recipe, loop_config, cfg.learner, out_dir / "ray_train", name="sft")
+    run_recipe(sft_recipe, cfg, "sft", out_dir, demos=str(demos.resolve()), base_model=base_model)
     return out_dir / "policy"
 
 
 def sft_recipe(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sft, learner = config["sft"], config["learner"]
+    sft, learner = config["train"], config["learner"]
     device = init_worker(config["seed"], learner)
     out_dir = Path(config["out_dir"])
 

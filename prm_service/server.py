@@ -8,7 +8,6 @@ batches, and every score carries the PRM version that produced it.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ import ray
 import torch
 
 from policy_server.batching import DynamicBatcher
+from policy_server.replicas import Replicas
 from prm_service.scorer import PRMScorer, ScoreRequest
 
 
@@ -68,37 +68,20 @@ class PRMServer:
 
 
 @dataclass
-class PRMClient:
+class PRMClient(Replicas):
     """All PRM replicas behind one handle (picklable: rollout workers and learners hold one);
     requests are spread round-robin, checkpoint loads reach every replica."""
-    servers: list
-
-    def __post_init__(self):
-        self._turn = itertools.count()
-
-    def __getstate__(self):
-        return {"servers": self.servers}
-
-    def __setstate__(self, state):
-        self.servers = state["servers"]
-        self.__post_init__()
 
     def score(self, prompt: str, responses: list[str]) -> ray.ObjectRef:
         """An ObjectRef of a `ScoreResult` (await it in async code, ray.get it elsewhere)."""
-        return self.servers[next(self._turn) % len(self.servers)].score.remote(prompt, responses)
+        return self.servers[self.next_replica()].score.remote(prompt, responses)
 
     def load(self, model_path: str, version: int, timeout_s: float = 600) -> list[int]:
-        return ray.get([s.load.remote(model_path, version) for s in self.servers], timeout=timeout_s)
+        """Every replica loads the checkpoint unless it already serves `version` or newer."""
+        return self.call_all("load", model_path, version, timeout_s=timeout_s)
 
     def stats(self) -> list[dict[str, int]]:
-        return ray.get([s.get_stats.remote() for s in self.servers], timeout=60)
-
-    def shutdown(self) -> None:
-        try:
-            ray.get([s.shutdown.remote() for s in self.servers], timeout=60)
-        finally:
-            for s in self.servers:
-                ray.kill(s)
+        return self.call_all("get_stats")
 
 
 def start_prm_servers(prm_cfg: Any, model_path: str, version: int = 0) -> PRMClient:

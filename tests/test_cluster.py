@@ -27,7 +27,8 @@ def test_cluster_yaml_is_valid_and_matches_the_cluster_config():
     # (the engine is overridden: this environment may lack vLLM, which the config's engine needs)
     cfg = load_config(["--config", str(REPO_ROOT / "configs/gpu_cluster.yaml"), "policy.engine=hf"])
     # every custom resource an actor asks for is offered by some node type, else it waits forever
-    for wanted in (cfg.rollout.resources, cfg.policy.resources):
+    for wanted in (cfg.rollout.resources, cfg.policy.resources, cfg.prm_service.resources,
+                   cfg.learner.resources_per_worker):
         for key in wanted:
             assert any(key in node.get("resources", {}) for node in nodes.values()), key
     assert nodes["rollout"]["max_workers"] > nodes["rollout"]["min_workers"]  # autoscaling CPU nodes

@@ -75,6 +75,19 @@ def test_n_samples_with_seeds(policy, alfworld_prompts):
     assert [g.token_ids for g in again] == [g.token_ids for g in samples]
 
 
+def test_seeded_sampling_of_many_long_prompts_at_once(policy, alfworld_prompts):
+    """More prompt tokens in flight than one engine step takes: on CPU a seeded request
+    prefilled in chunks killed the engine (vLLM rewinds the random generator)."""
+    prompts = [p.replace("Your task is to:", "Your task is to: " + "look around. " * 60 + str(i))
+               for i, p in enumerate(alfworld_prompts * 4)]
+    params = [SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=i) for i in range(len(prompts))]
+    first = ray.get(policy.generate(prompts, params))
+    again = ray.get(policy.generate(prompts, params))
+    assert [len(g) for g in first.generations] == [2] * len(prompts)
+    assert [[s.token_ids for s in g] for g in first.generations] == [[s.token_ids for s in g]
+                                                                      for g in again.generations]
+
+
 def test_weight_update_gives_the_other_checkpoints_outputs(policy, other_model, alfworld_prompts):
     before = ray.get(policy.generate(alfworld_prompts, GREEDY), timeout=120)
     policy.load_weights(AutoModelForCausalLM.from_pretrained(other_model).state_dict(), version=1)
