@@ -125,8 +125,11 @@ def _check_learner(cfg: DictConfig) -> None:
     _check(learner.backend == "deepspeed" or learner.dtype == "float32", "learner.backend=ddp trains in float32 only")
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
     _check(learner.num_workers >= 1, "learner.num_workers must be at least 1")
-    for section in ("sft", "prm"):
+    for section in ("sft", "prm", "dpo"):
         _check_training(cfg, section)
+    _check(cfg.dpo.beta > 0 and cfg.dpo.temperature > 0, "dpo.beta and dpo.temperature must be > 0")
+    _check(cfg.dpo.push_every >= 1 and cfg.dpo.max_policy_lag >= 0 and cfg.dpo.max_new_tokens >= 1,
+           "dpo.push_every and dpo.max_new_tokens must be at least 1, dpo.max_policy_lag at least 0")
     for split in cfg.sft.eval_splits:
         _one_of(split, SPLITS, "sft.eval_splits")
     _check(cfg.sft.demos is None or Path(cfg.sft.demos).is_file(), f"sft.demos: no file {cfg.sft.demos}")

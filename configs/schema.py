@@ -177,6 +177,19 @@ class PRMConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """AgentPRM stage 3: online DPO of the policy against the PRM (the reference code: beta
+    0.03, learning rate 8e-7, temperature 0.7, responses up to 64 tokens)."""
+    beta: float = 0.03
+    lr: float = 8e-7
+    epochs: float = 1.0  # passes over the stage-1 train states
+    temperature: float = 0.7  # the two responses per state are sampled at this temperature
+    max_new_tokens: int = 64
+    push_every: int = 4  # optimizer steps between weight pushes to the policy server (a new version each)
+    max_policy_lag: int = 1  # sampling runs ahead of the learner by at most this many versions (0 = lockstep)
+
+
+@dataclass
 class PRMServiceConfig:
     """Ray actors serving a PRM checkpoint (Best-of-N acting, DPO)."""
     model: Optional[str] = None  # a PRM folder (mode=critic writes <run_dir>/critic/prm); mode=critic sets it
@@ -217,5 +230,6 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     prm_service: PRMServiceConfig = field(default_factory=PRMServiceConfig)
     ray: RayConfig = field(default_factory=RayConfig)

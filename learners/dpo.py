@@ -9,10 +9,21 @@ iteration's starting policy):
 """
 from __future__ import annotations
 
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from learners.data import IGNORE
+from learners.data import IGNORE, SFTExample, collate, tokenize
+from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
+                              worker_share)
+from policy_server import SamplingParams
 
 
 def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,3 +43,134 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     loss = -F.logsigmoid(margin).mean()
     return loss, {"loss": loss.item(), "reward_margin": margin.mean().item(),
                   "reward_accuracy": (margin > 0).float().mean().item()}
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    policy_version: int  # the weights that sampled both responses
+
+
+def prefer(prompt: str, responses: list[str], scores: list[float], policy_version: int) -> PreferencePair | None:
+    """The PRM's preferred and dispreferred response of two; None on a tie (same text or score)."""
+    (a, b), (sa, sb) = responses, scores
+    if a == b or sa == sb:
+        return None
+    if sa < sb:
+        a, b, sa, sb = b, a, sb, sa
+    return PreferencePair(prompt, a, b, sa, sb, policy_version)
+
+
+def train_dpo(cfg, states: Path, init_model: str, policy, prm, out_dir: Path) -> Path:
+    """Online DPO from `init_model` (also the frozen reference) on the states of `states`
+    (stage 1's qtargets.parquet, train split), sampling from `policy` (a PolicyClient serving
+    `init_model`) and scoring with `prm` (a PRMClient). Every `dpo.push_every` steps, and
+    after the last, the weights go to the policy server as its next version.
+    Returns the Hugging Face folder of the new policy."""
+    run_recipe(dpo_recipe, cfg, "dpo", out_dir, states=str(states.resolve()), init_model=init_model,
+               policy=policy, prm=prm, first_version=max(policy.versions()))
+    return out_dir / "policy"
+
+
+class PairSampler:
+    """One worker's preference pairs, step by step. The requests of step t go out at step
+    t - max_policy_lag x push_every, so the policy server samples them with weights at most
+    `max_policy_lag` pushes behind the learner's; each pair keeps the version that sampled it."""
+
+    def __init__(self, policy, prm, states_of_step, dpo: dict, seed: int, total_steps: int):
+        self.policy, self.prm, self.states_of_step, self.dpo = policy, prm, states_of_step, dpo
+        self.seed, self.total_steps = seed, total_steps
+        self.ahead = dpo["max_policy_lag"] * dpo["push_every"]
+        self.in_flight: dict[int, list] = {}
+
+    def pairs(self, step: int) -> list[PreferencePair | None]:
+        for t in range(step, min(step + self.ahead, self.total_steps) + 1):
+            if t not in self.in_flight:
+                self.in_flight[t] = [(state, self._sample(state, t)) for state in self.states_of_step(t)]
+        sampled = [(state, ray.get(ref)) for state, ref in self.in_flight.pop(step)]
+        responses = [[g.text for g in result.generations[0]] for _, result in sampled]
+        scored = ray.get([self.prm.score(state, r) for (state, _), r in zip(sampled, responses)])
+        return [prefer(state, r, s.scores, result.policy_version)
+                for (state, result), r, s in zip(sampled, responses, scored)]
+
+    def _sample(self, state: str, step: int):
+        seed = zlib.crc32(f"{self.seed}:{step}:{state}".encode())
+        return self.policy.generate([state], SamplingParams(n=2, temperature=self.dpo["temperature"],
+                                                            max_tokens=self.dpo["max_new_tokens"], seed=seed))
+
+
+def dpo_recipe(config: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dpo, learner = config["train"], config["learner"]
+    device = init_worker(config["seed"], learner)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir, policy = Path(config["out_dir"]), config["policy"]
+    tokenizer = AutoTokenizer.from_pretrained(config["init_model"], trust_remote_code=config["trust_remote_code"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # States: the distinct prompts of the stage-1 train games, in a fixed order.
+    targets = pq.read_table(config["states"])
+    states = sorted({p for p, s in zip(targets["prompt"].to_pylist(), targets["split"].to_pylist()) if s == "train"})
+    room = dpo["max_seq_len"] - dpo["max_new_tokens"]  # prompt + response must fit in dpo.max_seq_len
+    states = [s for s in states if len(tokenizer.encode(s, add_special_tokens=False)) <= room]
+    if not states:
+        raise ValueError(f"no train states in {config['states']} within dpo.max_seq_len - dpo.max_new_tokens")
+    total_steps = count_steps(dpo, len(states))
+    if rank == 0:
+        print(f"dpo: {len(states)} states, {total_steps} steps of {dpo['batch_size']} on {world} workers, "
+              f"weights to the policy server every {dpo['push_every']} steps", flush=True)
+
+    load = dict(dtype=torch.float32, trust_remote_code=config["trust_remote_code"])
+    model = AutoModelForCausalLM.from_pretrained(config["init_model"], **load).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(config["init_model"], **load).to(device).eval()
+    reference.requires_grad_(False)
+    engine, optimizer = build_engine(model, dpo, learner, total_steps)
+    sampler = PairSampler(policy, config["prm"], worker_share(states, dpo["batch_size"], config["seed"]), dpo,
+                          config["seed"], total_steps)
+    # A micro-batch of ties still runs forward and backward (every rank takes part in each
+    # step), on this stand-in pair with its loss multiplied by 0.
+    stand_in = PreferencePair(states[0], "", "", 0.0, 0.0, 0)
+    served = {"version": config["first_version"], "started": False}  # the latest weights on the policy server
+
+    def push(step: int) -> None:
+        """The weights after `step` steps become version first + ceil(step / push_every)."""
+        weights = engine.export_state_dict()  # all ranks take part; the full weights land on rank 0
+        served["version"] = config["first_version"] + math.ceil(step / dpo["push_every"])
+        if rank == 0:
+            policy.load_weights(weights, served["version"])
+
+    def batch_for_step(step: int) -> list[PreferencePair | None]:
+        if not served["started"] and step > 1:  # resumed from a checkpoint: serve its weights first
+            push(step - 1)
+        served["started"] = True
+        return sampler.pairs(step)
+
+    def micro_loss(micro: list[PreferencePair | None]) -> tuple[torch.Tensor, dict[str, float]]:
+        kept = [p for p in micro if p is not None]
+        examples = [tokenize(tokenizer, SFTExample(p.prompt, r)) for p in kept or [stand_in]
+                    for r in (p.chosen, p.rejected)]
+        inputs = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        logprobs = response_logprobs(engine(**forward).logits, inputs["labels"])
+        with torch.no_grad():
+            ref = response_logprobs(reference(**forward).logits, inputs["labels"])
+        loss, stats = dpo_loss(logprobs[0::2], logprobs[1::2], ref[0::2], ref[1::2], dpo["beta"])
+        stats["tie_rate"] = 1 - len(kept) / len(micro)
+        if not kept:  # the same keys in the same order on every rank: they are all-reduced
+            return loss * 0.0, {**{k: 0.0 for k in stats}, "tie_rate": 1.0, "policy_lag": 0.0, "tokens": 0.0}
+        lag = [served["version"] - p.policy_version for p in kept]  # versions behind the latest push
+        return loss, {**stats, "policy_lag": sum(lag) / len(lag), "tokens": inputs["attention_mask"].sum().item()}
+
+    def after_step(step: int) -> None:
+        if step % dpo["push_every"] == 0 or step == total_steps:
+            push(step)
+
+    train_steps(engine, optimizer, batch_for_step, micro_loss, dpo, learner, total_steps, out_dir, "dpo", after_step)
+    weights = engine.export_state_dict()
+    if rank == 0:
+        export_hf(engine.module, weights, tokenizer, out_dir / "policy")

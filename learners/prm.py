@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agent import encode_turn
-from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps
+from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
+                              worker_share)
 from prm_service import load_prm, pad_right
 
 LOSSES = ("absolute", "relative")
@@ -105,7 +106,8 @@ def prm_recipe(config: dict) -> None:
         loss = -F.logsigmoid(margin).mean()
         return loss, {"loss": loss.item(), "pair_accuracy": (margin > 0).float().mean().item(), "tokens": tokens}
 
-    train_steps(engine, optimizer, examples, micro_loss, prm, learner, config["seed"], total_steps, out_dir, "prm")
+    train_steps(engine, optimizer, worker_share(examples, prm["batch_size"], config["seed"]), micro_loss, prm,
+                learner, total_steps, out_dir, "prm")
 
     # Validation on the held-out games: every rank scores a share, rank 0 reports.
     engine.module.eval()

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from learners.data import collate, examples_from_steps, tokenize
-from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps
+from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
+                              worker_share)
 
 
 def train_sft(cfg, demos: Path, base_model: str, out_dir: Path) -> Path:
@@ -52,7 +53,8 @@ def sft_recipe(config: dict) -> None:
         loss = engine(**inputs).loss  # mean over the micro-batch's response tokens
         return loss, {"loss": loss.item(), "tokens": inputs["attention_mask"].sum().item()}
 
-    train_steps(engine, optimizer, examples, micro_loss, sft, learner, config["seed"], total_steps, out_dir, "sft")
+    train_steps(engine, optimizer, worker_share(examples, sft["batch_size"], config["seed"]), micro_loss, sft,
+                learner, total_steps, out_dir, "sft")
     weights = engine.export_state_dict()  # all ranks take part; the full weights land on rank 0
     if dist.get_rank() == 0:
         export_hf(engine.module, weights, tokenizer, out_dir / "policy")

@@ -5,7 +5,8 @@ up torch.distributed (gloo on CPU, NCCL on GPU) before it starts. It builds its 
 and model, then hands `train_steps` a loss for a micro-batch of examples:
 
     engine, optimizer = build_engine(model, train, learner, total_steps)
-    train_steps(engine, optimizer, examples, micro_loss, train, learner, seed, total_steps, out_dir, "sft")
+    train_steps(engine, optimizer, worker_share(examples, train["batch_size"], seed), micro_loss, train, learner,
+                total_steps, out_dir, "sft")
 
 `run_recipe` starts the job on `learner.num_workers` workers. Checkpoints go through
 `ray.train.report`: every rank writes its shard into a local folder and Ray merges them in
@@ -37,7 +38,7 @@ from learners.engines import TrainEngine, make_train_engine
 MicroLoss = Callable[[list], tuple[torch.Tensor, dict[str, float]]]
 
 
-def run_recipe(recipe: Callable[[dict], None], cfg, section: str, out_dir: Path, **inputs: str) -> None:
+def run_recipe(recipe: Callable[[dict], None], cfg, section: str, out_dir: Path, **inputs) -> None:
     """Run `recipe` on `learner.num_workers` Ray Train workers; raises if the job fails (after
     `learner.max_failures` restarts). The recipe's config: `seed`, `train` (the `section`
     knobs, e.g. cfg.sft), `learner`, `trust_remote_code`, `out_dir`, and its own `inputs`."""
@@ -83,11 +84,19 @@ def build_engine(model: torch.nn.Module, train: dict, learner: dict, total_steps
     return engine, optimizer
 
 
-def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, examples: list, micro_loss: MicroLoss,
-                train: dict, learner: dict, seed: int, total_steps: int, out_dir: Path, prefix: str) -> None:
-    """Steps 1..total_steps (from the last checkpoint on, if any): each takes `batch_size`
-    examples (`step_batch`), each worker its share in micro-batches; metrics per step (rank 0),
-    a checkpoint every `checkpoint_every` steps and at the end."""
+def worker_share(examples: list, batch_size: int, seed: int) -> Callable[[int], list]:
+    """This worker's examples of each step: its slice of `step_batch`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return lambda step: step_batch(examples, step, batch_size, seed)[rank::world]
+
+
+def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for_step: Callable[[int], list],
+                micro_loss: MicroLoss, train: dict, learner: dict, total_steps: int, out_dir: Path, prefix: str,
+                after_step: Optional[Callable[[int], None]] = None) -> None:
+    """Steps 1..total_steps (from the last checkpoint on, if any): each takes this worker's
+    examples of the step (`batch_for_step`, e.g. `worker_share`) in micro-batches; metrics
+    per step (rank 0), `after_step(step)` on every rank, a checkpoint every
+    `checkpoint_every` steps and at the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
     state = restore(engine)
     start_step = state["step"] if state else 0
@@ -99,7 +108,7 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, examples:
         if learner["fail_at_step"] == step and state is None:
             raise RuntimeError(f"injected failure at step {step} (learner.fail_at_step)")
         started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        mine = step_batch(examples, step, train["batch_size"], seed)[rank::world]
+        mine = batch_for_step(step)
         totals: dict[str, float] = {}
         for i in range(0, len(mine), train["micro_batch_size"]):
             loss, stats = micro_loss(mine[i:i + train["micro_batch_size"]])
@@ -116,6 +125,8 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, examples:
         metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started))
         if log:
             log.log(step, metrics)
+        if after_step:
+            after_step(step)
         if step % train["checkpoint_every"] == 0 or step == total_steps:
             save_checkpoint(engine, {"step": step}, metrics)
     if log:

@@ -67,6 +67,18 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_prm(tiny_model, tmp_path_factory) -> str:
+    """The tiny policy's backbone with a fresh scalar head, saved as a PRM folder."""
+    from prm_service import load_prm
+
+    model, tokenizer = load_prm(tiny_model, new_head=True)
+    folder = tmp_path_factory.mktemp("tiny-prm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     from configs.schema import DataConfig
 

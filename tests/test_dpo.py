@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners import IGNORE, SFTExample, collate, tokenize
-from learners.dpo import dpo_loss, response_logprobs
+from learners.dpo import dpo_loss, prefer, response_logprobs
 
 
 def test_dpo_loss_and_gradient_by_hand():
@@ -36,3 +36,55 @@ def test_response_logprobs_sum_the_response_tokens_only(tiny_model):
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0], dim=-1)
             want = sum(logprobs[t - 1, e.input_ids[t]].item() for t in range(len(e.input_ids)) if e.labels[t] != IGNORE)
             assert got[i].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
+    pair = prefer("s", ["ACTION: look", "ACTION: go to shelf 1"], [0.1, 0.7], policy_version=3)
+    assert (pair.chosen, pair.rejected, pair.chosen_score, pair.policy_version) == (
+        "ACTION: go to shelf 1", "ACTION: look", 0.7, 3)
+    assert prefer("s", ["ACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None  # the same response twice
+    assert prefer("s", ["ACTION: look", "ACTION: go"], [0.5, 0.5], 0) is None
+
+
+def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from learners.dpo import train_dpo
+    from policy_server import SamplingParams, start_policy_servers
+    from policy_server.hf_engine import HFEngine
+    from prm_service import start_prm_servers
+    from tests.conftest import small_cfg
+
+    prompt = "<|im_start|>user\nYour task is to: put a clean mug in coffeemachine. Room {}<|im_end|>\n" \
+             "<|im_start|>assistant\n"
+    pq.write_table(pa.table({"prompt": [prompt.format(i) for i in range(8)], "split": ["train"] * 8}),
+                   tmp_path / "qtargets.parquet")
+    cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
+                       "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
+                       "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "policy.model": tiny_model})
+    policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    prm = start_prm_servers(cfg.prm_service, tiny_prm)
+    try:
+        policy.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict(), version=10)
+        out = train_dpo(cfg, tmp_path / "qtargets.parquet", tiny_model, policy, prm, tmp_path / "dpo")
+        records = [json.loads(line) for line in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        assert all(0 <= r["policy_lag"] <= 1 and 0 <= r["tie_rate"] <= 1 for r in records)  # max_policy_lag 1
+        assert records[0]["policy_lag"] == records[1]["policy_lag"] == 0  # nothing pushed before step 2 ended
+        assert any(r["tie_rate"] < 1 for r in records)  # pairs were trained on
+        assert policy.versions() == [12]  # pushed after steps 2 and 4
+        # The server now generates what the exported policy generates, not what it started with.
+        greedy = SamplingParams(max_tokens=8)
+        served = ray.get(policy.generate([prompt.format(0), prompt.format(5)], greedy))
+        exported = HFEngine(str(out), device="cpu").generate([prompt.format(0), prompt.format(5)], greedy)
+        assert [g[0].token_ids for g in served.generations] == [g[0].token_ids for g in exported]
+    finally:
+        policy.shutdown()
+        prm.shutdown()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)

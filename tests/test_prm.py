@@ -108,16 +108,6 @@ def test_prm_learner_lowers_its_loss_and_ranks_held_out_actions(ray_local, tiny_
     assert all(chosen > rejected for chosen, rejected in scores)
 
 
-@pytest.fixture(scope="module")
-def tiny_prm(tiny_model, tmp_path_factory) -> str:
-    """The tiny policy's backbone with a fresh scalar head, saved as a PRM folder."""
-    model, tokenizer = load_prm(tiny_model, new_head=True)
-    folder = tmp_path_factory.mktemp("tiny-prm")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 REQUESTS = [ScoreRequest(PROMPT, ["ACTION: go to shelf 1", "ACTION: look", ""]),
             ScoreRequest(PROMPT + "You see a mug.", ["REASON: the mug is here.\nACTION: take mug 1"]),
             ScoreRequest(PROMPT, ["ACTION: examine desk 1"])]
