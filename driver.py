@@ -6,6 +6,7 @@
     python driver.py mode=sft               # demonstrations -> SFT (DeepSpeed on Ray Train) -> π0, evaluated
     python driver.py mode=critic policy.model=runs/x/sft/policy   # rollouts -> Q-targets -> PRM -> Best-of-N
     python driver.py mode=eval policy.best_of_n=8 policy.temperature=0.7 prm_service.model=runs/x/critic/prm
+    python driver.py mode=train iterations=2  # AgentPRM: π0 by SFT, then 2 x (rollouts, PRM, online DPO, eval)
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
@@ -25,6 +26,7 @@ import time
 import zlib
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 # Before `import ray`: keep a local head on loopback, no usage reporting, no hub downloads.
 _ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -40,10 +42,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
-from learners import build_dataset, train_prm, train_sft  # noqa: E402
+from learners import build_dataset, train_dpo, train_prm, train_sft  # noqa: E402
 from policy_server import resolve_model, start_policy_servers  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
-from reports import plot_best_of_n, plot_reliability, plot_target_histogram  # noqa: E402
+from reports import plot_best_of_n, plot_reliability, plot_success, plot_target_histogram  # noqa: E402
 from rollout_workers import (EpisodeTask, format_report, read_steps, run_episodes,  # noqa: E402
                              start_rollout_workers, summarize)
 
@@ -62,10 +64,13 @@ def init_ray(cfg: DictConfig) -> None:
         return
     # A local Ray offers what the job's actors ask for, so none of them waits forever.
     # Stages run one after the other, so the largest stage sets the size.
-    uses_prm = cfg.mode == "critic" or cfg.prm_service.model
+    uses_prm = cfg.mode in ("critic", "train") or cfg.prm_service.model
     prm_cpus = cfg.prm_service.replicas * cfg.prm_service.num_cpus if uses_prm else 0
-    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.policy.replicas * cfg.policy.num_cpus + prm_cpus,
-               cfg.learner.num_workers * cfg.learner.num_cpus_per_worker if cfg.mode in ("sft", "critic") else 0)
+    servers = cfg.policy.replicas * cfg.policy.num_cpus + prm_cpus
+    learners = cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
+    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + servers,
+               learners if cfg.mode in ("sft", "critic") else 0,
+               learners + servers if cfg.mode == "train" else 0)  # DPO: learners sample from both servers
     resources: dict[str, float] = {}
     for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers),
                              (cfg.policy.resources, cfg.policy.replicas),
@@ -172,60 +177,127 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
             for split in cfg.sft.eval_splits}
 
 
-def critic(cfg: DictConfig, run_dir: Path) -> dict:
-    """AgentPRM stages 1 and 2 for the policy `policy.model`, then Best-of-N with the new PRM.
+def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
+    """Run a stage unless its manifest says it finished. The manifest (folder/manifest.json)
+    is written last, with the stage's result and wall time: a stage stopped midway has none,
+    and runs again (continuing from its own episode shards or checkpoints)."""
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())["result"]
+    start = time.time()
+    result = run()
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"stage": name, "wall_time_s": round(time.time() - start, 1),
+                                    "finished": datetime.now().isoformat(timespec="seconds"), "result": result},
+                                   indent=2))
+    return result
 
-    Stage 1: `critic.rollouts_per_game` episodes per game of the policy alone at
-    `critic.temperature` (critic/rollouts/), their Monte Carlo Q-targets and preference pairs
-    (critic/qtargets.parquet, pairs.parquet, dataset.json). Stage 2: the PRM (critic/prm/, a
-    Hugging Face folder) and its validation report (critic/prm_report.json). Then
-    Best-of-N(policy, PRM) on `eval.split` for each N of `critic.best_of_n` (in the run
-    directory: bon_<N>/, bon_<N>.json, bon.json, bon.png). Finished stages are not redone.
-    """
-    out = run_dir / "critic"
-    if not (out / "dataset.json").exists():
-        rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
-                                           "prm_service.model": None})
-        steps, rollouts = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
-                               cfg.critic.rollouts_per_game, sample_games=True)
-        print(format_report(rollouts))
-        dataset = build_dataset(steps, out, cfg.critic.gamma, cfg.critic.discount, cfg.critic.pair_margin,
-                                cfg.critic.val_fraction, cfg.seed)
-        dataset["rollouts"] = rollouts
-        (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
-        plot_target_histogram(dataset["target_histogram"], out / "qtargets.png",
-                              f"Q-targets of {dataset['unique_state_actions']} (s, a)")
-    dataset = json.loads((out / "dataset.json").read_text())
+
+def q_targets_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
+    """AgentPRM stage 1: `critic.rollouts_per_game` episodes per game of the policy alone at
+    `critic.temperature` (out/rollouts/), their Monte Carlo Q-targets and preference pairs
+    (out/qtargets.parquet, out/pairs.parquet, out/dataset.json, out/qtargets.png)."""
+    rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
+                                       "prm_service.model": None})
+    steps, rollouts = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
+                           cfg.critic.rollouts_per_game, model=policy_model, sample_games=True)
+    print(format_report(rollouts))
+    dataset = build_dataset(steps, out, cfg.critic.gamma, cfg.critic.discount, cfg.critic.pair_margin,
+                            cfg.critic.val_fraction, cfg.seed)
+    dataset["rollouts"] = rollouts
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    plot_target_histogram(dataset["target_histogram"], out / "qtargets.png",
+                          f"Q-targets of {dataset['unique_state_actions']} (s, a)")
     print(f"stage 1: {dataset['transitions']} transitions, {dataset['unique_state_actions']} unique (s, a), "
           f"{dataset['states_with_several_actions']} states with several actions, {dataset['pairs']} pairs",
           flush=True)
+    return dataset
 
-    prm_dir = out / "prm"
-    if not (prm_dir / "config.json").exists():
-        init = cfg.policy.model if cfg.prm.init == "policy" else cfg.prm.init
-        start = time.time()
-        report = train_prm(cfg, out, resolve_model(init), out)
-        report["wall_time_s"] = time.time() - start
-        (out / "prm_report.json").write_text(json.dumps(report, indent=2))
-        if report["reliability"]:
-            plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
-    report = json.loads((out / "prm_report.json").read_text())
-    print(f"stage 2: PRM {prm_dir}: validation AUC {report['auc']}, calibration error "
+
+def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
+    """AgentPRM stage 2: the PRM (out/prm/, a Hugging Face folder) trained on stage 1's data in
+    `out`, and its validation report (out/prm_report.json, out/prm_reliability.png)."""
+    init = policy_model if cfg.prm.init == "policy" else cfg.prm.init
+    report = train_prm(cfg, out, resolve_model(init), out)
+    (out / "prm_report.json").write_text(json.dumps(report, indent=2))
+    if report["reliability"]:
+        plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
+    print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']}, calibration error "
           f"{report['expected_calibration_error']}, pair accuracy {report['pair_accuracy']}", flush=True)
+    return report
 
+
+def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, states: Path) -> dict:
+    """AgentPRM stage 3: online DPO of the policy against the PRM; the new policy in out/policy/."""
+    model_path = resolve_model(policy_model)
+    policy = start_policy_servers(cfg.policy, model_path, cfg.seed)
+    prm = start_prm_servers(cfg.prm_service, str(prm_dir))
+    try:
+        new_policy = train_dpo(cfg, states, model_path, policy, prm, out)
+    finally:
+        policy.shutdown()
+        prm.shutdown()
+    print(f"stage 3: {new_policy}", flush=True)
+    return {"policy": str(new_policy)}
+
+
+def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path) -> dict:
+    """Best-of-N(policy, PRM) on `eval.split` for each N of `critic.best_of_n` (bon_<N>/,
+    bon_<N>.json, bon.json, bon.png in `run_dir`)."""
     success: dict[int, float] = {}
     for n in cfg.critic.best_of_n:
         bon_cfg = with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
                                        "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
-        success[n] = evaluate(bon_cfg, run_dir, name=f"bon_{n}")["success_rate"]
+        success[n] = evaluate(bon_cfg, run_dir, model=policy_model, name=f"bon_{n}")["success_rate"]
     if success:
         (run_dir / "bon.json").write_text(json.dumps({"split": cfg.eval.split, "success_rate": success}, indent=2))
         plot_best_of_n(success, run_dir / "bon.png", f"Best-of-N with the PRM, {cfg.eval.split}")
         print("Best-of-N: " + ", ".join(f"N={n} {s:.1%}" for n, s in success.items()), flush=True)
-    return {"dataset": dataset, "prm": report, "best_of_n": success}
+    return {"success_rate": success}
 
 
-MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft, "critic": critic}
+def critic(cfg: DictConfig, run_dir: Path) -> dict:
+    """AgentPRM stages 1 and 2 for the policy `policy.model`, then Best-of-N with the new PRM;
+    everything in run_dir/critic/. Finished stages are not redone."""
+    out = run_dir / "critic"
+    dataset = stage(out, "q_targets", lambda: q_targets_stage(cfg, out, cfg.policy.model))
+    report = stage(out / "prm", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
+    bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm"))
+    return {"dataset": dataset, "prm": report, "best_of_n": bon}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """AgentPRM: π0 (`init_policy`, else SFT in this run), then `iterations` times: stage 1
+    (rollouts, Q-targets), stage 2 (the PRM), stage 3 (online DPO against it), and the new
+    policy's evaluation on `eval.split`; iteration i in run_dir/iter_<i>/. Re-running resumes
+    at the first unfinished stage. The summary: summary.json, success.png."""
+    if cfg.init_policy:
+        policy_model = cfg.init_policy
+        success = [stage(run_dir / "eval_pi0", "evaluation",
+                         lambda: evaluate(cfg, run_dir / "eval_pi0", model=policy_model))["success_rate"]]
+    else:
+        reports = sft(cfg, run_dir)
+        policy_model = str(run_dir / "sft" / "policy")
+        success = [reports[cfg.eval.split]["success_rate"]] if cfg.eval.split in reports else [None]
+    for i in range(1, cfg.iterations + 1):
+        out = run_dir / f"iter_{i}"
+        stage(out / "critic", "q_targets", lambda: q_targets_stage(cfg, out / "critic", policy_model))
+        stage(out / "critic" / "prm", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
+        result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, out / "critic" / "prm",
+                                                             out / "critic" / "qtargets.parquet"))
+        policy_model = result["policy"]
+        report = stage(out / "eval", "evaluation", lambda: evaluate(cfg, out / "eval", model=policy_model))
+        success.append(report["success_rate"])
+    summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
+               "success_rate": {f"pi{i}": s for i, s in enumerate(success)}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_success(summary["success_rate"], run_dir / "success.png", f"{cfg.algorithm} on {cfg.eval.split}")
+    print("success: " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in
+                                  summary["success_rate"].items()), flush=True)
+    return summary
+
+
+MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft, "critic": critic, "train": train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import (AGENTS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES, PRM_LOSSES, SPLITS,
-                            WEIGHT_TRANSFERS, Config)
+from configs.schema import (AGENTS, ALGORITHMS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES,
+                            PRM_LOSSES, SPLITS, WEIGHT_TRANSFERS, Config)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -79,6 +79,8 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Values the type system cannot catch: choices, ranges, files that must exist."""
     _one_of(cfg.mode, MODES, "mode")
+    _one_of(cfg.algorithm, ALGORITHMS, "algorithm")
+    _check(cfg.iterations >= 1, "iterations must be at least 1")
     _one_of(cfg.eval.split, SPLITS, "eval.split")
     _one_of(cfg.demos.split, SPLITS, "demos.split")
     _one_of(cfg.rollout.agent, AGENTS, "rollout.agent")
@@ -111,8 +113,10 @@ def validate(cfg: DictConfig) -> None:
 
     try:
         resolve_model(cfg.policy.model, check_only=True)
-        if cfg.mode == "critic" and cfg.prm.init != "policy":
+        if cfg.mode in ("critic", "train") and cfg.prm.init != "policy":
             resolve_model(cfg.prm.init, check_only=True)
+        if cfg.init_policy:
+            resolve_model(cfg.init_policy, check_only=True)
         resolve_data_root(cfg.data.archive, check_only=True)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None

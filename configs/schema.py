@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-MODES = ("eval", "demos", "sft", "critic")
+MODES = ("eval", "demos", "sft", "critic", "train")
+ALGORITHMS = ("agentprm",)
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
@@ -215,8 +216,12 @@ class RayConfig:
 
 @dataclass
 class Config:
+    # eval | demos | sft (π0) | critic (AgentPRM stages 1-2 + Best-of-N) | train (the iterative loop)
     mode: str = "eval"
     seed: int = 0
+    algorithm: str = "agentprm"  # mode=train: agentprm (InversePRM comes later)
+    iterations: int = 1  # mode=train: critic-then-actor iterations after π0
+    init_policy: Optional[str] = None  # mode=train: π0's folder; null = SFT it in this run (mode=sft's stages)
     # Where this run writes; null = runs/<mode>-<timestamp>. Re-using a folder resumes the run.
     run_dir: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)

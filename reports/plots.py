@@ -44,3 +44,14 @@ def plot_reliability(reliability: list[dict], path: Path, title: str) -> Path:
     ax.plot([b["mean_prediction"] for b in reliability], [b["mean_target"] for b in reliability], marker="o")
     ax.set(xlabel="mean sigmoid(Q)", ylabel="mean Q-target", xlim=(0, 1), ylim=(0, 1), title=title)
     return _save(fig, path)
+
+
+def plot_success(success: dict[str, float | None], path: Path, title: str) -> Path:
+    """Success rate of each policy of a run, in order (the paper's Figure 2a)."""
+    names = [k for k, v in success.items() if v is not None]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(len(names)), [100 * success[k] for k in names], marker="o")
+    ax.set_xticks(range(len(names)), names)
+    ax.set(xlabel="policy", ylabel="success rate (%)", title=title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -106,12 +106,12 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
     assert json.loads((critic / "prm/config.json").read_text())["architectures"][0].endswith(
         "ForSequenceClassification")
     assert len((critic / "metrics.jsonl").read_text().splitlines()) == 2
-    bon = json.loads((run_dir / "bon.json").read_text())
-    assert set(bon["success_rate"]) == {"1", "2"} and (run_dir / "bon.png").is_file()
+    bon = json.loads((critic / "bon/bon.json").read_text())
+    assert set(bon["success_rate"]) == {"1", "2"} and (critic / "bon/bon.png").is_file()
     for n in (1, 2):
-        report = json.loads((run_dir / f"bon_{n}.json").read_text())
+        report = json.loads((critic / f"bon/bon_{n}.json").read_text())
         assert report["best_of_n"] == n and report["prm"] == str(critic / "prm")
-        steps = pq.read_table(run_dir / f"bon_{n}").to_pylist()
+        steps = pq.read_table(critic / f"bon/bon_{n}").to_pylist()
         assert all(s["prm_score"] is not None and 1 <= s["candidates"] <= n for s in steps)
     first = proc.stdout + proc.stderr
     assert "stage 2: PRM" in first and "llm on train" in first and "absolute examples" in first
@@ -120,3 +120,43 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
     again = run_driver(*args)
     assert (critic / "prm/model.safetensors").stat().st_mtime_ns == mtime
     assert "llm on train" not in again.stdout + again.stderr and "absolute examples" not in again.stdout + again.stderr
+
+
+def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_path):
+    """Two AgentPRM iterations from a given π0. The learner fails at DPO step 3 of each
+    iteration (after the step-2 checkpoint); each re-run resumes inside stage 3, without
+    redoing the finished stages."""
+    run_dir = tmp_path / "train"
+    args = [f"run_dir={run_dir}", "mode=train", "iterations=2", f"init_policy={tiny_model}",
+            f"policy.model={tiny_model}", "critic.num_games=2", "critic.rollouts_per_game=2", "critic.val_fraction=0.4",
+            "env.max_steps=3", "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2",
+            "learner.num_workers=2", "learner.max_failures=0", "learner.fail_at_step=3",
+            "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2",
+            "dpo.batch_size=2", "dpo.micro_batch_size=1", "dpo.max_steps=4", "dpo.epochs=100", "dpo.checkpoint_every=2",
+            "dpo.push_every=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0", "eval.num_games=1"]
+    crashed = subprocess.run([sys.executable, "driver.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=900)
+    assert crashed.returncode != 0 and "injected failure at step 3" in crashed.stdout + crashed.stderr
+    it1 = run_dir / "iter_1"
+    assert (it1 / "critic/manifest.json").is_file() and (it1 / "critic/prm/manifest.json").is_file()
+    assert not (it1 / "dpo/manifest.json").exists()
+    assert len((it1 / "dpo/metrics.jsonl").read_text().splitlines()) >= 2
+    rollouts = sorted(p.stat().st_mtime_ns for p in (it1 / "critic/rollouts").glob("*.parquet"))
+    prm_mtime = (it1 / "critic/prm/model.safetensors").stat().st_mtime_ns
+
+    second = subprocess.run([sys.executable, "driver.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=900)
+    out = second.stdout + second.stderr
+    assert "dpo: resuming after step 2" in out and "injected failure at step 3" in out  # iteration 2's DPO
+    assert sorted(p.stat().st_mtime_ns for p in (it1 / "critic/rollouts").glob("*.parquet")) == rollouts
+    assert (it1 / "critic/prm/model.safetensors").stat().st_mtime_ns == prm_mtime  # not trained again
+    dpo = [json.loads(line)["step"] for line in (it1 / "dpo/metrics.jsonl").read_text().splitlines()]
+    assert dpo == [1, 2, 3, 4]
+
+    run_driver(*args)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["success_rate"]) == ["pi0", "pi1", "pi2"] and (run_dir / "success.png").is_file()
+    for i in (1, 2):
+        manifest = json.loads((run_dir / f"iter_{i}/dpo/manifest.json").read_text())
+        assert manifest["result"]["policy"] == str(run_dir / f"iter_{i}/dpo/policy")
+        assert json.loads((run_dir / f"iter_{i}/eval/eval.json").read_text())["model"] == manifest["result"]["policy"]
