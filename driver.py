@@ -43,11 +43,12 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
 from learners import build_dataset, train_dpo, train_prm, train_sft  # noqa: E402
-from policy_server import resolve_model, start_policy_servers  # noqa: E402
+from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
-from reports import plot_best_of_n, plot_reliability, plot_success, plot_target_histogram  # noqa: E402
-from rollout_workers import (EpisodeTask, format_report, read_steps, run_episodes,  # noqa: E402
-                             start_rollout_workers, summarize)
+from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
+                     plot_target_histogram)
+from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, read_steps,  # noqa: E402
+                             run_episodes, start_rollout_workers, summarize)
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -228,17 +229,38 @@ def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
 
 
 def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, states: Path) -> dict:
-    """AgentPRM stage 3: online DPO of the policy against the PRM; the new policy in out/policy/."""
+    """AgentPRM stage 3: online DPO of the policy against the PRM; the new policy in out/policy/.
+    With `dpo.monitor_games`, the reward-hacking monitor watches the policy versions as they
+    reach the server (out/monitor.jsonl, out/monitor.png)."""
     model_path = resolve_model(policy_model)
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed)
     prm = start_prm_servers(cfg.prm_service, str(prm_dir))
+    workers, monitor, records = [], None, []
     try:
+        if cfg.dpo.monitor_games:
+            workers = start_rollout_workers(cfg, "llm", model_path, policy)
+            games = list_games(cfg.eval.split, resolve_data_root(cfg.data.archive))[:cfg.dpo.monitor_games]
+            targets = pq.read_table(states, columns=["prompt", "split"]).to_pylist()
+            held_out = sorted({r["prompt"] for r in targets if r["split"] == "val"})[:cfg.dpo.monitor_states]
+            monitor = RewardHackingMonitor(
+                policy, prm, workers, cfg.rollout.envs_per_worker, held_out,
+                [EpisodeTask(g, 0, episode_seed(cfg.seed, g.game_id, 0)) for g in games],
+                SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
+                               max_tokens=cfg.policy.max_new_tokens), out, every=cfg.dpo.monitor_every)
+            monitor.start()
         new_policy = train_dpo(cfg, states, model_path, policy, prm, out)
+        if monitor:
+            records = monitor.stop()
+            plot_monitor(records, out / "monitor.png", "PRM score vs real success during DPO")
     finally:
+        for worker in workers:
+            ray.kill(worker)
         policy.shutdown()
         prm.shutdown()
+        if monitor:
+            monitor.close()  # before Ray shuts down: its thread must not be left waiting on Ray
     print(f"stage 3: {new_policy}", flush=True)
-    return {"policy": str(new_policy)}
+    return {"policy": str(new_policy), "monitor": records}
 
 
 def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path) -> dict:

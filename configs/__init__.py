@@ -134,6 +134,8 @@ def _check_learner(cfg: DictConfig) -> None:
     _check(cfg.dpo.beta > 0 and cfg.dpo.temperature > 0, "dpo.beta and dpo.temperature must be > 0")
     _check(cfg.dpo.push_every >= 1 and cfg.dpo.max_policy_lag >= 0 and cfg.dpo.max_new_tokens >= 1,
            "dpo.push_every and dpo.max_new_tokens must be at least 1, dpo.max_policy_lag at least 0")
+    _check(cfg.dpo.monitor_games >= 0 and cfg.dpo.monitor_states >= 0 and cfg.dpo.monitor_every >= 1,
+           "dpo.monitor_games and dpo.monitor_states must be >= 0, dpo.monitor_every at least 1")
     for split in cfg.sft.eval_splits:
         _one_of(split, SPLITS, "sft.eval_splits")
     _check(cfg.sft.demos is None or Path(cfg.sft.demos).is_file(), f"sft.demos: no file {cfg.sft.demos}")

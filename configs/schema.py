@@ -188,6 +188,12 @@ class DPOConfig(TrainConfig):
     max_new_tokens: int = 64
     push_every: int = 4  # optimizer steps between weight pushes to the policy server (a new version each)
     max_policy_lag: int = 1  # sampling runs ahead of the learner by at most this many versions (0 = lockstep)
+    # The reward-hacking monitor (the paper's Figure 3): every `monitor_every` policy versions,
+    # the PRM's mean score of the policy's responses on `monitor_states` held-out states next to
+    # its success on the first `monitor_games` games of eval.split. 0 games = off.
+    monitor_games: int = 0
+    monitor_states: int = 32
+    monitor_every: int = 1
 
 
 @dataclass

@@ -27,8 +27,9 @@ class Replicas:
     def next_replica(self) -> int:
         return next(self._turn) % len(self.servers)
 
-    def call_all(self, method: str, *args, timeout_s: float = 60) -> list:
-        """`method(*args)` on every replica, their results in replica order."""
+    def call_all(self, method: str, *args, timeout_s: float = 300) -> list:
+        """`method(*args)` on every replica, their results in replica order (a replica still
+        starting answers once it is up)."""
         return ray.get([getattr(s, method).remote(*args) for s in self.servers], timeout=timeout_s)
 
     def shutdown(self) -> None:

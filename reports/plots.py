@@ -55,3 +55,17 @@ def plot_success(success: dict[str, float | None], path: Path, title: str) -> Pa
     ax.set(xlabel="policy", ylabel="success rate (%)", title=title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_monitor(records: list[dict], path: Path, title: str) -> Path:
+    """The PRM's mean score of the policy's actions and the real success rate, per policy
+    version (the paper's Figure 3): two axes, one figure."""
+    versions = [r["version"] for r in records]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(versions, [r["prm_mean_score"] for r in records], marker="o", color="tab:blue")
+    ax.set(xlabel="policy version", title=title)
+    ax.set_ylabel("PRM mean score, held-out states", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(versions, [100 * r["success_rate"] for r in records], marker="s", color="tab:red")
+    twin.set_ylabel("success rate (%)", color="tab:red")
+    return _save(fig, path)

@@ -1,7 +1,9 @@
 """Online DPO: the loss and its gradient on a hand-checked case, log-probabilities of responses."""
+import json
 import math
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,11 +49,8 @@ def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
 
 
 def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path):
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     from learners.dpo import train_dpo
     from policy_server import SamplingParams, start_policy_servers
@@ -80,7 +79,12 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
         # The server now generates what the exported policy generates, not what it started with.
         greedy = SamplingParams(max_tokens=8)
         served = ray.get(policy.generate([prompt.format(0), prompt.format(5)], greedy))
-        exported = HFEngine(str(out), device="cpu").generate([prompt.format(0), prompt.format(5)], greedy)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the server computes (policy.torch_threads = num_cpus = 1): same numerics
+        try:
+            exported = HFEngine(str(out), device="cpu").generate([prompt.format(0), prompt.format(5)], greedy)
+        finally:
+            torch.set_num_threads(threads)
         assert [g[0].token_ids for g in served.generations] == [g[0].token_ids for g in exported]
     finally:
         policy.shutdown()
@@ -88,3 +92,36 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
     start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+def test_reward_hacking_monitor_measures_prm_score_and_success_per_version(ray_local, tiny_model, tiny_prm,
+                                                                           ood_games, tmp_path):
+    from policy_server import SamplingParams, start_policy_servers
+    from prm_service import start_prm_servers
+    from rollout_workers import EpisodeTask, RewardHackingMonitor, start_rollout_workers
+    from tests.conftest import small_cfg
+
+    cfg = small_cfg(**{"policy.model": tiny_model, "policy.max_new_tokens": 6, "env.max_steps": 3,
+                       "rollout.num_workers": 1, "rollout.envs_per_worker": 2})
+    policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    prm = start_prm_servers(cfg.prm_service, tiny_prm)
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
+    states = ["<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n",
+              "<|im_start|>user\nYour task is to: put a mug in cabinet.<|im_end|>\n<|im_start|>assistant\n"]
+    monitor = RewardHackingMonitor(policy, prm, workers, 2, states, [EpisodeTask(g, 0, 0) for g in ood_games[:2]],
+                                   SamplingParams(max_tokens=6), tmp_path, poll_s=0.2)
+    try:
+        monitor.start()
+        policy.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict(), version=1)
+        records = monitor.stop()
+        assert monitor.error is None  # the watching thread ran to the end
+    finally:
+        for w in workers:
+            ray.kill(w)
+        policy.shutdown()
+        prm.shutdown()
+    assert records[-1]["version"] == 1 and [r["version"] for r in records] == sorted({r["version"] for r in records})
+    for r in records:
+        assert isinstance(r["prm_mean_score"], float) and r["success_rate"] == 0.0 and r["games"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    assert logged == records

@@ -133,7 +133,8 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
             "learner.num_workers=2", "learner.max_failures=0", "learner.fail_at_step=3",
             "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2",
             "dpo.batch_size=2", "dpo.micro_batch_size=1", "dpo.max_steps=4", "dpo.epochs=100", "dpo.checkpoint_every=2",
-            "dpo.push_every=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0", "eval.num_games=1"]
+            "dpo.push_every=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0", "eval.num_games=1",
+            "dpo.monitor_games=1", "dpo.monitor_every=2"]
     crashed = subprocess.run([sys.executable, "driver.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=900)
     assert crashed.returncode != 0 and "injected failure at step 3" in crashed.stdout + crashed.stderr
@@ -160,3 +161,6 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
         manifest = json.loads((run_dir / f"iter_{i}/dpo/manifest.json").read_text())
         assert manifest["result"]["policy"] == str(run_dir / f"iter_{i}/dpo/policy")
         assert json.loads((run_dir / f"iter_{i}/eval/eval.json").read_text())["model"] == manifest["result"]["policy"]
+        monitor = manifest["result"]["monitor"]  # the final version is always measured
+        assert monitor[-1]["version"] == max(r["version"] for r in monitor) and monitor[-1]["games"] == 1
+        assert (run_dir / f"iter_{i}/dpo/monitor.png").is_file()
