@@ -69,9 +69,11 @@ def init_ray(cfg: DictConfig) -> None:
     prm_cpus = cfg.prm_service.replicas * cfg.prm_service.num_cpus if uses_prm else 0
     servers = cfg.policy.replicas * cfg.policy.num_cpus + prm_cpus
     learners = cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
-    cpus = max(cfg.rollout.num_workers * cfg.rollout.num_cpus + servers,
+    rollouts = cfg.rollout.num_workers * cfg.rollout.num_cpus
+    monitor = rollouts if cfg.dpo.monitor_games else 0  # the monitor's own rollout workers, during DPO
+    cpus = max(rollouts + servers,
                learners if cfg.mode in ("sft", "critic") else 0,
-               learners + servers if cfg.mode == "train" else 0)  # DPO: learners sample from both servers
+               learners + servers + monitor if cfg.mode == "train" else 0)  # DPO: learners sample from both servers
     resources: dict[str, float] = {}
     for per_actor, count in ((cfg.rollout.resources, cfg.rollout.num_workers),
                              (cfg.policy.resources, cfg.policy.replicas),
