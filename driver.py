@@ -7,6 +7,7 @@
     python driver.py mode=critic policy.model=runs/x/sft/policy   # rollouts -> Q-targets -> PRM -> Best-of-N
     python driver.py mode=eval policy.best_of_n=8 policy.temperature=0.7 prm_service.model=runs/x/critic/prm
     python driver.py mode=train iterations=2  # AgentPRM: π0 by SFT, then 2 x (rollouts, PRM, online DPO, eval)
+    python driver.py mode=train algorithm=inverseprm   # InversePRM: the PRM from demonstrations alone
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
@@ -42,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
-from learners import build_dataset, train_dpo, train_prm, train_sft  # noqa: E402
+from learners import (build_dataset, build_transitions, sample_next_actions, train_dpo, train_inverse_prm,  # noqa: E402
+                      train_prm, train_sft, without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
@@ -100,12 +102,26 @@ def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     return cfg
 
 
+def reset_steps(cfg: DictConfig, game_id: str, episode_index: int, expert_lengths: dict[str, int]) -> int:
+    """The reset distribution: for a `critic.reset_fraction` share of the episodes of games
+    whose expert demonstration has L >= 2 steps, the expert plays 1..L-1 steps (uniform; fewer
+    than the step limit) before the policy takes over; 0 otherwise."""
+    end = min(expert_lengths.get(game_id, 0), cfg.env.max_steps)  # the policy acts at least once
+    rng = random.Random(episode_seed(cfg.seed + 1, game_id, episode_index))
+    if end < 2 or rng.random() >= cfg.critic.reset_fraction:
+        return 0
+    return rng.randrange(1, end)
+
+
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
-         episodes_per_game: int, model: str | None = None, sample_games: bool = False) -> tuple[pa.Table, dict]:
+         episodes_per_game: int, model: str | None = None, sample_games: bool = False,
+         expert_lengths: dict[str, int] | None = None) -> tuple[pa.Table, dict]:
     """Play `episodes_per_game` episodes of the split's first `num_games` games (with
     `sample_games`, a sample of them seeded by `seed`, spanning the task types) with `model`
     (default `policy.model`), one shard per episode in `episodes_dir`; with
-    `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM.
+    `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM; with
+    `expert_lengths` (game id -> steps of its demonstration), episodes start from the reset
+    distribution of `critic.reset_fraction`.
 
     Returns the episodes' step records and their report (success overall and per task type).
     """
@@ -114,7 +130,8 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     if sample_games and num_games is not None and num_games < len(games):
         games = sorted(random.Random(cfg.seed).sample(games, num_games), key=lambda g: g.game_id)
     games = games[:num_games]
-    tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e))
+    tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e),
+                         reset_steps(cfg, g.game_id, e, expert_lengths) if expert_lengths else 0)
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(model)
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
@@ -150,7 +167,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: st
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1)
+    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1,
+                         sample_games=True)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")
@@ -168,7 +186,7 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
     demonstrations (demos.parquet), training (sft/policy; a stopped training continues from
     its last checkpoint), the evaluations (episode shards per split).
     """
-    demos = Path(cfg.sft.demos) if cfg.sft.demos else run_dir / "demos.parquet"
+    demos = demos_path(cfg, run_dir)
     if not demos.exists():
         collect_demos(cfg, run_dir)
     policy = run_dir / "sft" / "policy"
@@ -196,18 +214,35 @@ def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
     return result
 
 
-def q_targets_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
-    """AgentPRM stage 1: `critic.rollouts_per_game` episodes per game of the policy alone at
-    `critic.temperature` (out/rollouts/), their Monte Carlo Q-targets and preference pairs
-    (out/qtargets.parquet, out/pairs.parquet, out/dataset.json, out/qtargets.png)."""
+def demos_path(cfg: DictConfig, run_dir: Path) -> Path:
+    """The expert demonstrations: `sft.demos`, else the run's own demos.parquet."""
+    return Path(cfg.sft.demos) if cfg.sft.demos else run_dir / "demos.parquet"
+
+
+def policy_rollouts(cfg: DictConfig, out: Path, policy_model: str, demos: Path) -> tuple[pa.Table, dict]:
+    """Stage 1's rollouts: `critic.rollouts_per_game` episodes per game of a seeded sample of
+    `critic.num_games` games, the policy alone at `critic.temperature` (out/rollouts/); with
+    `critic.reset_fraction`, that share of them starts along the game's demonstration."""
     rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
                                        "prm_service.model": None})
-    steps, rollouts = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
-                           cfg.critic.rollouts_per_game, model=policy_model, sample_games=True)
-    print(format_report(rollouts))
+    expert_lengths = None
+    if cfg.critic.reset_fraction:
+        games = pq.read_table(demos, columns=["game_id"])["game_id"].to_pylist()
+        expert_lengths = {g: games.count(g) for g in sorted(set(games))}
+    steps, report = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
+                         cfg.critic.rollouts_per_game, model=policy_model, sample_games=True,
+                         expert_lengths=expert_lengths)
+    print(format_report(report))
+    return steps, report
+
+
+def q_targets_stage(cfg: DictConfig, out: Path, policy_model: str, demos: Path) -> dict:
+    """AgentPRM stage 1: the policy's rollouts, their Monte Carlo Q-targets and preference
+    pairs (out/qtargets.parquet, out/pairs.parquet, out/dataset.json, out/qtargets.png)."""
+    steps, rollouts = policy_rollouts(cfg, out, policy_model, demos)
     dataset = build_dataset(steps, out, cfg.critic.gamma, cfg.critic.discount, cfg.critic.pair_margin,
                             cfg.critic.val_fraction, cfg.seed)
-    dataset["rollouts"] = rollouts
+    dataset.update(rollouts=rollouts, states=str(out / "qtargets.parquet"))
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
     plot_target_histogram(dataset["target_histogram"], out / "qtargets.png",
                           f"Q-targets of {dataset['unique_state_actions']} (s, a)")
@@ -217,12 +252,41 @@ def q_targets_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
     return dataset
 
 
+def transitions_stage(cfg: DictConfig, out: Path, policy_model: str, demos: Path) -> dict:
+    """InversePRM stage 1: the policy's rollouts give D-, the expert's demonstrations D+ (with
+    a' sampled from the policy at s'), balanced (out/transitions.parquet, out/dataset.json).
+    The rollouts' success is logged, never used."""
+    steps, rollouts = policy_rollouts(cfg, out, policy_model, demos)
+    expert = pq.read_table(demos)
+    policy = start_policy_servers(cfg.policy, resolve_model(policy_model), cfg.seed)
+    try:
+        dataset = build_transitions(
+            without_outcome(expert), without_outcome(steps),
+            lambda prompts: sample_next_actions(policy, prompts, cfg.critic.temperature, cfg.policy.max_new_tokens,
+                                                cfg.seed),
+            out, cfg.critic.val_fraction, cfg.seed)
+    finally:
+        policy.shutdown()
+    dataset.update(rollouts=rollouts, states=str(out / "transitions.parquet"))
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    print(f"stage 1: {dataset['expert_transitions']} expert and {dataset['policy_transitions']} policy transitions, "
+          f"{dataset['per_side']} of each kept", flush=True)
+    return dataset
+
+
+STAGE_1 = {"agentprm": q_targets_stage, "inverseprm": transitions_stage}
+
+
 def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
-    """AgentPRM stage 2: the PRM (out/prm/, a Hugging Face folder) trained on stage 1's data in
-    `out`, and its validation report (out/prm_report.json, out/prm_reliability.png)."""
-    init = policy_model if cfg.prm.init == "policy" else cfg.prm.init
-    report = train_prm(cfg, out, resolve_model(init), out)
-    (out / "prm_report.json").write_text(json.dumps(report, indent=2))
+    """Stage 2: the PRM (out/prm/, a Hugging Face folder) trained on stage 1's data in `out`,
+    and its validation report (out/prm_report.json; AgentPRM: out/prm_reliability.png)."""
+    init = resolve_model(policy_model if cfg.prm.init == "policy" else cfg.prm.init)
+    if cfg.algorithm == "inverseprm":
+        report = train_inverse_prm(cfg, out, init, out)
+        print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']} (expert vs policy transitions), "
+              f"accuracy {report['accuracy']}", flush=True)
+        return report
+    report = train_prm(cfg, out, init, out)
     if report["reliability"]:
         plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
     print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']}, calibration error "
@@ -265,14 +329,19 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
     return {"policy": str(new_policy), "monitor": records}
 
 
+def best_of_n_config(cfg: DictConfig, n: int, prm_dir: Path) -> DictConfig:
+    """Acting by Best-of-`n` against the PRM in `prm_dir`, sampling at `critic.best_of_n_temperature`."""
+    return with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
+                                "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
+
+
 def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path) -> dict:
     """Best-of-N(policy, PRM) on `eval.split` for each N of `critic.best_of_n` (bon_<N>/,
     bon_<N>.json, bon.json, bon.png in `run_dir`)."""
     success: dict[int, float] = {}
     for n in cfg.critic.best_of_n:
-        bon_cfg = with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
-                                       "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
-        success[n] = evaluate(bon_cfg, run_dir, model=policy_model, name=f"bon_{n}")["success_rate"]
+        success[n] = evaluate(best_of_n_config(cfg, n, prm_dir), run_dir, model=policy_model,
+                              name=f"bon_{n}")["success_rate"]
     if success:
         (run_dir / "bon.json").write_text(json.dumps({"split": cfg.eval.split, "success_rate": success}, indent=2))
         plot_best_of_n(success, run_dir / "bon.png", f"Best-of-N with the PRM, {cfg.eval.split}")
@@ -281,20 +350,22 @@ def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: 
 
 
 def critic(cfg: DictConfig, run_dir: Path) -> dict:
-    """AgentPRM stages 1 and 2 for the policy `policy.model`, then Best-of-N with the new PRM;
-    everything in run_dir/critic/. Finished stages are not redone."""
+    """Stages 1 and 2 of `algorithm` for the policy `policy.model`, then Best-of-N with the new
+    PRM; everything in run_dir/critic/. Finished stages are not redone."""
     out = run_dir / "critic"
-    dataset = stage(out, "q_targets", lambda: q_targets_stage(cfg, out, cfg.policy.model))
+    dataset = stage(out, "stage_1", lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
     report = stage(out / "prm", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
     bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm"))
     return {"dataset": dataset, "prm": report, "best_of_n": bon}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """AgentPRM: π0 (`init_policy`, else SFT in this run), then `iterations` times: stage 1
-    (rollouts, Q-targets), stage 2 (the PRM), stage 3 (online DPO against it), and the new
-    policy's evaluation on `eval.split`; iteration i in run_dir/iter_<i>/. Re-running resumes
-    at the first unfinished stage. The summary: summary.json, success.png."""
+    """AgentPRM or InversePRM (`algorithm`): π0 (`init_policy`, else SFT in this run), then
+    `iterations` times: stage 1 (rollouts -> Q-targets, or -> expert vs policy transitions),
+    stage 2 (the PRM Q_{i-1}), stage 3 (online DPO against it -> π_i), and π_i's evaluation on
+    `eval.split` (with `eval.best_of_n`, also Best-of-N of π_{i-1} and π_i with Q_{i-1});
+    iteration i in run_dir/iter_<i>/. Re-running resumes at the first unfinished stage.
+    The summary: summary.json, success.png."""
     if cfg.init_policy:
         policy_model = cfg.init_policy
         success = [stage(run_dir / "eval_pi0", "evaluation",
@@ -303,21 +374,35 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         reports = sft(cfg, run_dir)
         policy_model = str(run_dir / "sft" / "policy")
         success = [reports[cfg.eval.split]["success_rate"]] if cfg.eval.split in reports else [None]
+    best_of_n: dict[str, float] = {}
+
+    def bon(folder: Path, model: str, prm_dir: Path) -> float:
+        bon_cfg = best_of_n_config(cfg, cfg.eval.best_of_n, prm_dir)
+        return stage(folder, "best_of_n", lambda: evaluate(bon_cfg, folder, model=model))["success_rate"]
+
     for i in range(1, cfg.iterations + 1):
         out = run_dir / f"iter_{i}"
-        stage(out / "critic", "q_targets", lambda: q_targets_stage(cfg, out / "critic", policy_model))
+        dataset = stage(out / "critic", "stage_1", lambda: STAGE_1[cfg.algorithm](
+            cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
         stage(out / "critic" / "prm", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
-        result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, out / "critic" / "prm",
-                                                             out / "critic" / "qtargets.parquet"))
+        prm_dir = out / "critic" / "prm"
+        if cfg.eval.best_of_n:
+            best_of_n[f"pi{i - 1}+Q{i - 1}"] = bon(out / "bon_before", policy_model, prm_dir)
+        result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, prm_dir,
+                                                             Path(dataset["states"])))
         policy_model = result["policy"]
         report = stage(out / "eval", "evaluation", lambda: evaluate(cfg, out / "eval", model=policy_model))
         success.append(report["success_rate"])
+        if cfg.eval.best_of_n:
+            best_of_n[f"pi{i}+Q{i - 1}"] = bon(out / "bon_after", policy_model, prm_dir)
     summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
-               "success_rate": {f"pi{i}": s for i, s in enumerate(success)}}
+               "success_rate": {f"pi{i}": s for i, s in enumerate(success)},
+               "best_of_n": {"n": cfg.eval.best_of_n, "success_rate": best_of_n} if best_of_n else None}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_success(summary["success_rate"], run_dir / "success.png", f"{cfg.algorithm} on {cfg.eval.split}")
+    plot_success(summary["success_rate"], run_dir / "success.png", f"{cfg.algorithm} on {cfg.eval.split}",
+                 best_of_n)
     print("success: " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in
-                                  summary["success_rate"].items()), flush=True)
+                                  {**summary["success_rate"], **best_of_n}.items()), flush=True)
     return summary
 
 

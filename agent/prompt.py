@@ -69,6 +69,14 @@ def render_prompt(tokenizer, state: AgentState, history_turns: int) -> str:
     )
 
 
+def steer_prompt(prompt: str, hint: str) -> str:
+    """The prompt with an exploration hint after the system instructions (steered
+    exploration: DPO samples under the steered prompt and learns under the plain one)."""
+    if SYSTEM_PROMPT not in prompt:
+        raise ValueError("steer_prompt: the prompt does not contain the agent's system instructions")
+    return prompt.replace(SYSTEM_PROMPT, f"{SYSTEM_PROMPT}\n{hint}", 1)
+
+
 def format_response(action: str, reason: str | None = None) -> str:
     """A response in the policy's format (the expert's demonstrations are written this way)."""
     return (f"REASON: {reason}\n" if reason else "") + f"ACTION: {action}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 MODES = ("eval", "demos", "sft", "critic", "train")
-ALGORITHMS = ("agentprm",)
+ALGORITHMS = ("agentprm", "inverseprm")
 SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
@@ -99,11 +99,17 @@ class EvalConfig:
     split: str = "eval_out_of_distribution"
     num_games: Optional[int] = None  # the first N games of the sorted split; null = all
     episodes_per_game: int = 1
+    # mode=train: also Best-of-N(π_{i-1}, Q_{i-1}) and Best-of-N(π_i, Q_{i-1}) in every iteration
+    # (Q_{i-1}: the PRM fit on π_{i-1}'s rollouts; the paper's Figure 5b), with this N and
+    # critic.best_of_n_temperature. 0 = skip.
+    best_of_n: int = 0
 
 
 @dataclass
 class DemosConfig:
     split: str = "train"
+    # A seeded sample of N games of the split (all task types; the same games as critic.num_games
+    # = N picks); null = all.
     num_games: Optional[int] = None
 
 
@@ -147,11 +153,16 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class CriticConfig:
-    """AgentPRM stage 1 (rollouts -> Monte Carlo Q-targets) and the Best-of-N report of mode=critic."""
+    """Stage 1 of both algorithms (AgentPRM: rollouts -> Monte Carlo Q-targets; InversePRM:
+    rollouts and demonstrations -> transitions) and the Best-of-N report of mode=critic."""
     split: str = "train"
     num_games: Optional[int] = None  # a seeded sample of N games of the split (all task types); null = all
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
-    temperature: float = 0.3  # sampling temperature of those rollouts (the paper: 0.3)
+    temperature: float = 0.3  # sampling temperature of those rollouts (and of InversePRM's a') (the paper: 0.3)
+    # Reset distribution: this share of the rollouts starts from a state along the game's expert
+    # demonstration (the expert plays 1..L-1 of its L steps first; needs demonstrations). 0 = off.
+    reset_fraction: float = 0.0
+    # AgentPRM: the discount of the Monte Carlo targets; InversePRM: of r = Q(s, a) - gamma Q(s', a').
     gamma: float = 0.95
     # to_go: gamma^(T-1-t) * outcome (the paper); from_start: gamma^t * outcome (its reference code)
     discount: str = "to_go"
@@ -194,6 +205,10 @@ class DPOConfig(TrainConfig):
     monitor_games: int = 0
     monitor_states: int = 32
     monitor_every: int = 1
+    # Steered exploration: sample the two responses with this hint added to the system
+    # instructions, score them and take the DPO step under the plain prompt. null = off.
+    # E.g. "Explore: prefer a place or object you have not tried yet over repeating an action."
+    exploration_prompt: Optional[str] = None
 
 
 @dataclass
@@ -225,7 +240,9 @@ class Config:
     # eval | demos | sft (π0) | critic (AgentPRM stages 1-2 + Best-of-N) | train (the iterative loop)
     mode: str = "eval"
     seed: int = 0
-    algorithm: str = "agentprm"  # mode=train: agentprm (InversePRM comes later)
+    # mode=train and mode=critic: agentprm (Monte Carlo Q-targets from the outcome) or
+    # inverseprm (no outcome: expert transitions vs the policy's; needs demonstrations)
+    algorithm: str = "agentprm"
     iterations: int = 1  # mode=train: critic-then-actor iterations after π0
     init_policy: Optional[str] = None  # mode=train: π0's folder; null = SFT it in this run (mode=sft's stages)
     # Where this run writes; null = runs/<mode>-<timestamp>. Re-using a folder resumes the run.

@@ -3,18 +3,23 @@
     policy_dir = train_sft(cfg, demos_parquet, base_model, out_dir)   # π0, a Hugging Face folder
     summary = build_dataset(rollout_steps, out_dir, gamma, discount, margin, val_fraction, seed)  # Q-targets
     report = train_prm(cfg, out_dir, init_model, out_dir)             # the PRM: out_dir/prm
-    policy_dir = train_dpo(cfg, qtargets, policy_model, policy, prm, out_dir)  # online DPO: out_dir/policy
+    summary = build_transitions(without_outcome(demos), without_outcome(rollouts), sample_next, out_dir, ...)
+    report = train_inverse_prm(cfg, out_dir, init_model, out_dir)     # InversePRM's PRM: out_dir/prm
+    policy_dir = train_dpo(cfg, states, policy_model, policy, prm, out_dir)  # online DPO: out_dir/policy
 
-`sft.py`, `prm.py` and `dpo.py` are the recipes; `qtargets.py` AgentPRM's stage 1 data (Monte Carlo
-Q-targets, preference pairs); `trainer.py` the Ray Train job, step loop, checkpoints and
+`sft.py`, `prm.py`, `inverse.py` and `dpo.py` are the recipes; `qtargets.py` AgentPRM's stage 1
+data (Monte Carlo Q-targets, preference pairs), `inverse.py` also InversePRM's (expert vs policy
+transitions); `trainer.py` the Ray Train job, step loop, checkpoints and
 metrics shared by the recipes; `engines.py` the DeepSpeed and DDP engines; `data.py`
 tokenization and loss masks.
 """
 from learners.data import IGNORE, SFTExample, TokenizedExample, collate, examples_from_steps, tokenize
 from learners.dpo import train_dpo
+from learners.inverse import build_transitions, sample_next_actions, train_inverse_prm, without_outcome
 from learners.prm import train_prm
 from learners.qtargets import build_dataset
 from learners.sft import train_sft
 
-__all__ = ["train_sft", "train_prm", "train_dpo", "build_dataset", "SFTExample", "TokenizedExample", "IGNORE",
+__all__ = ["train_sft", "train_prm", "train_dpo", "build_dataset", "build_transitions", "sample_next_actions",
+           "train_inverse_prm", "without_outcome", "SFTExample", "TokenizedExample", "IGNORE",
            "examples_from_steps", "tokenize", "collate"]

@@ -1,11 +1,14 @@
-"""AgentPRM stage 3: online DPO of the policy against the PRM.
+"""Stage 3 of AgentPRM and InversePRM: online DPO of the policy against the PRM.
 
-For a state s from the stage-1 rollouts, the current policy samples two responses; the PRM
+For a state s from the stage-1 data set, the current policy samples two responses; the PRM
 scores both; the higher is chosen, the lower rejected (ties skipped); the DPO loss compares
 the policy's log-likelihood ratio of the two with that of a frozen reference (the
 iteration's starting policy):
 
     loss = -log sigmoid(beta * ((log pi(c|s) - log pi(r|s)) - (log ref(c|s) - log ref(r|s))))
+
+Steered exploration (`dpo.exploration_prompt`) samples the two responses under a prompt
+with an exploration hint; the PRM and the loss still read the plain prompt s.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from agent import steer_prompt
 from learners.data import IGNORE, SFTExample, collate, tokenize
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
@@ -67,8 +71,8 @@ def prefer(prompt: str, responses: list[str], scores: list[float], policy_versio
 
 def train_dpo(cfg, states: Path, init_model: str, policy, prm, out_dir: Path) -> Path:
     """Online DPO from `init_model` (also the frozen reference) on the states of `states`
-    (stage 1's qtargets.parquet, train split), sampling from `policy` (a PolicyClient serving
-    `init_model`) and scoring with `prm` (a PRMClient). Every `dpo.push_every` steps, and
+    (stage 1's qtargets.parquet or transitions.parquet, train split), sampling from `policy`
+    (a PolicyClient serving `init_model`) and scoring with `prm` (a PRMClient). Every `dpo.push_every` steps, and
     after the last, the weights go to the policy server as its next version.
     Returns the Hugging Face folder of the new policy."""
     run_recipe(dpo_recipe, cfg, "dpo", out_dir, states=str(states.resolve()), init_model=init_model,
@@ -98,8 +102,12 @@ class PairSampler:
                 for (state, result), r, s in zip(sampled, responses, scored)]
 
     def _sample(self, state: str, step: int):
+        """Two responses to `state`; with `dpo.exploration_prompt`, to the steered prompt
+        (steered exploration: the pair is still scored and learnt under `state`)."""
         seed = zlib.crc32(f"{self.seed}:{step}:{state}".encode())
-        return self.policy.generate([state], SamplingParams(n=2, temperature=self.dpo["temperature"],
+        hint = self.dpo["exploration_prompt"]
+        prompt = steer_prompt(state, hint) if hint else state
+        return self.policy.generate([prompt], SamplingParams(n=2, temperature=self.dpo["temperature"],
                                                             max_tokens=self.dpo["max_new_tokens"], seed=seed))
 
 

@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.compute as pc
@@ -90,10 +91,7 @@ def prm_recipe(config: dict) -> None:
               f"ending in the pad token), {total_steps} steps of {prm['batch_size']} on {world} workers", flush=True)
 
     engine, optimizer = build_engine(model.to(device), prm, learner, total_steps)
-
-    def q_values(rows: list[list[int]]) -> tuple[torch.Tensor, int]:
-        ids, mask = pad_right(rows, pad_id, device)
-        return engine(input_ids=ids, attention_mask=mask).logits[:, 0].float(), mask.sum().item()
+    q_values = q_function(engine, pad_id, device)
 
     def micro_loss(micro: list) -> tuple[torch.Tensor, dict[str, float]]:
         if prm["loss"] == "absolute":
@@ -126,6 +124,14 @@ def prm_recipe(config: dict) -> None:
         report.update(loss=prm["loss"], train_examples=len(examples), train_dropped=dropped, steps=total_steps)
         (out_dir / "prm_report.json").write_text(json.dumps(report, indent=2))
         export_hf(engine.module, weights, tokenizer, out_dir / "prm")
+
+
+def q_function(engine, pad_id: int, device: torch.device) -> Callable[[list[list[int]]], tuple[torch.Tensor, int]]:
+    """Q of a batch of token-id rows (padded on the right), and the batch's token count."""
+    def q_values(rows: list[list[int]]) -> tuple[torch.Tensor, int]:
+        ids, mask = pad_right(rows, pad_id, device)
+        return engine(input_ids=ids, attention_mask=mask).logits[:, 0].float(), mask.sum().item()
+    return q_values
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ the episodes in flight and a re-run skips the shards that exist.
 | game_id              | "<task folder>/<trial folder>" of the ALFWorld game                |
 | task_type            | pick, look, clean, heat, cool or pick_two                          |
 | episode_id           | "<game_id>#<episode index>", unique within a run                   |
-| step                 | 0, 1, ... within the episode                                       |
+| step                 | 0, 1, ...; an episode reset to expert step k starts at k           |
 | prompt               | the full prompt the policy saw (chat template applied)             |
 | response             | the policy's text (the expert's is "ACTION: <command>")            |
 | action               | the command sent to the game (parsed, else the first line)         |

@@ -27,6 +27,9 @@ class EpisodeTask:
     game: Game
     episode_index: int  # several episodes of one game are told apart by this
     seed: int
+    # Reset distribution: the handcoded expert plays this many steps first (not recorded), so
+    # the policy starts from a state along the expert's trajectory.
+    reset_steps: int = 0
 
     @property
     def episode_id(self) -> str:
@@ -67,16 +70,23 @@ class RolloutWorker:
         try:
             obs = env.reset(task.game)
             state = AgentState(env.task, obs.text, obs.admissible_commands)
+            for _ in range(task.reset_steps):
+                command = env.expert_action()
+                obs = env.step(command)
+                if obs.done:
+                    raise RuntimeError(f"{task.episode_id}: the game ended within its {task.reset_steps} reset steps")
+                state.advance(command, obs.text, obs.admissible_commands)
             steps: list[StepRecord] = []
             while True:
                 prompt = render_prompt(self.tokenizer, state, self.history_turns)
                 act = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
+                step = task.reset_steps + len(steps)
                 action = command_to_send(act.response)
                 valid = parse_action(act.response) is not None and action in state.admissible_commands
                 obs = env.step(action)
                 steps.append(StepRecord(
                     game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,
-                    step=len(steps), prompt=prompt, response=act.response, action=action, valid=valid,
+                    step=step, prompt=prompt, response=act.response, action=action, valid=valid,
                     observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
                     policy_version=act.policy_version, worker_id=self.worker_id, candidates=act.candidates,
                     prm_score=act.prm_score,

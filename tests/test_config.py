@@ -23,7 +23,7 @@ def test_defaults_and_overrides(tmp_path):
     (["env.max_steps=0"], "env.max_steps must be at least 1"),
     (["eval.split=valid_unseen"], "eval.split='valid_unseen' is not one of"),
     (["mode=training"], "mode='training' is not one of"),
-    (["algorithm=ppo"], "algorithm='ppo' is not one of agentprm"),
+    (["algorithm=ppo"], "algorithm='ppo' is not one of agentprm, inverseprm"),
     (["mode=train", "init_policy=./no-pi0"], "model not found: ./no-pi0"),
     (["policy.model=no/such-model"], "model no/such-model is not in the local Hugging Face cache"),
     (["policy.model=./missing-folder"], "model not found: ./missing-folder"),
@@ -43,6 +43,11 @@ def test_defaults_and_overrides(tmp_path):
     (["policy.best_of_n=4", "prm_service.model=."], "policy.best_of_n > 1 needs policy.temperature > 0"),
     (["policy.best_of_n=4", "policy.temperature=1", "prm_service.model=configs"], "is not a Hugging Face folder"),
     (["mode=critic", "prm.init=./no-such-model"], "model not found: ./no-such-model"),
+    (["mode=critic", "algorithm=inverseprm"], "algorithm=inverseprm needs expert demonstrations: sft.demos="),
+    (["mode=train", "init_policy=configs", "critic.reset_fraction=0.5"],
+     "critic.reset_fraction > 0 needs expert demonstrations"),
+    (["critic.reset_fraction=1.5"], "critic.reset_fraction must be in [0, 1]"),
+    (["eval.best_of_n=4", "critic.best_of_n_temperature=0"], "critic.best_of_n_temperature must be > 0"),
 ])
 def test_bad_config_is_one_clear_line(args, message):
     with pytest.raises(ConfigError) as info:

@@ -164,3 +164,42 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
         monitor = manifest["result"]["monitor"]  # the final version is always measured
         assert monitor[-1]["version"] == max(r["version"] for r in monitor) and monitor[-1]["games"] == 1
         assert (run_dir / f"iter_{i}/dpo/monitor.png").is_file()
+
+
+def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tmp_path):
+    """InversePRM end to end on a tiny model: demonstrations of 2 train games, then 2
+    iterations (transitions, the PRM, DPO, evaluation, Best-of-N before and after DPO), with
+    the reset distribution and steered exploration on."""
+    demos_dir = tmp_path / "demos"
+    run_driver(f"run_dir={demos_dir}", "mode=demos", "demos.num_games=2", f"policy.model={tiny_model}",
+               "rollout.num_workers=1", "rollout.envs_per_worker=2")
+    run_dir = tmp_path / "inverse"
+    proc = run_driver(
+        f"run_dir={run_dir}", "mode=train", "algorithm=inverseprm", "iterations=2", f"init_policy={tiny_model}",
+        f"policy.model={tiny_model}", f"sft.demos={demos_dir / 'demos.parquet'}", "critic.num_games=2",
+        "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "critic.reset_fraction=0.5", "env.max_steps=3",
+        "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2",
+        "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2", "dpo.batch_size=2",
+        "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0",
+        "dpo.exploration_prompt=Explore.", "eval.num_games=1", "eval.best_of_n=2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algorithm"] == "inverseprm" and list(summary["success_rate"]) == ["pi0", "pi1", "pi2"]
+    assert list(summary["best_of_n"]["success_rate"]) == ["pi0+Q0", "pi1+Q0", "pi1+Q1", "pi2+Q1"]
+    for i in (1, 2):
+        critic = run_dir / f"iter_{i}/critic"
+        rows = pq.read_table(critic / "transitions.parquet").to_pylist()
+        expert = [r for r in rows if r["source"] == "expert"]
+        assert 0 < len(expert) == len(rows) - len(expert) and {r["label"] for r in expert} == {1.0}
+        assert all(r["terminal"] == (r["next_response"] is None) for r in rows)
+        report = json.loads((critic / "prm_report.json").read_text())
+        assert report["loss"] == "inverse" and report["steps"] == 2
+        assert json.loads((run_dir / f"iter_{i}/bon_after/eval.json").read_text())["best_of_n"] == 2
+        dataset = json.loads((critic / "dataset.json").read_text())
+        assert dataset["states"] == str(critic / "transitions.parquet")
+    # The reset distribution (demos and rollouts sample the same 2 games): some rollouts start
+    # after expert steps, some at the start.
+    starts: dict[str, int] = {}
+    for s in pq.read_table(run_dir / "iter_1/critic/rollouts").to_pylist():
+        starts[s["episode_id"]] = min(s["step"], starts.get(s["episode_id"], s["step"]))
+    assert len(starts) == 4 and 0 in starts.values() and max(starts.values()) >= 1
+    assert "expert and" in proc.stdout and (run_dir / "success.png").is_file()

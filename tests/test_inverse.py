@@ -1,0 +1,171 @@
+"""InversePRM (transitions, balance, the loss, no outcome reward) and the exploration options."""
+import asyncio
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from agent import SYSTEM_PROMPT, render_prompt, steer_prompt
+from learners import build_transitions, train_inverse_prm, without_outcome
+from learners.dpo import PairSampler
+from learners.inverse import balance, implied_rewards, transitions
+from policy_server import GenerateResult, Generation
+from prm_service.server import ScoreResult
+from rollout_workers import RolloutWorker
+from rollout_workers.worker import EpisodeTask
+from tests.conftest import small_cfg
+from tests.test_prm import PROMPT, episode, table
+
+
+def test_transitions_pair_each_step_with_the_next_and_end_terminal():
+    steps = without_outcome(table(episode("t/a", 0, ["s0", "s1", "s2"], ["a", "b", "c"], won=True),
+                                  episode("t/b", 0, ["u0"], ["d"], won=False)))
+    rows = transitions(steps, "policy")
+    assert [(r["prompt"], r["response"], r["next_prompt"], r["next_response"], r["terminal"]) for r in rows] == [
+        ("s0", "ACTION: a", "s1", "ACTION: b", False), ("s1", "ACTION: b", "s2", "ACTION: c", False),
+        ("s2", "ACTION: c", None, None, True), ("u0", "ACTION: d", None, None, True)]
+    assert {r["label"] for r in rows} == {0.0} and {r["label"] for r in transitions(steps, "expert")} == {1.0}
+
+
+def test_balance_samples_the_larger_side_down_and_keeps_order():
+    pos, neg = list(range(5)), list(range(100, 120))
+    kept_pos, kept_neg = balance(pos, neg, seed=0)
+    assert kept_pos == pos and len(kept_neg) == 5 and kept_neg == sorted(kept_neg) and set(kept_neg) <= set(neg)
+    assert balance(pos, neg, seed=0) == (kept_pos, kept_neg) and balance(pos, neg, seed=1)[1] != kept_neg
+
+
+def test_no_outcome_reward_reaches_inverse_prm(tmp_path):
+    """The builders refuse step records that carry the outcome, and their output does not
+    change when every outcome is flipped."""
+    expert = [episode("e/0", 0, ["x0", "x1"], ["go", "take"], won=True)]
+    policy = [episode("p/0", 0, ["y0", "y1", "y2"], ["look", "look", "look"], won=False),
+              episode("p/1", 0, ["z0", "z1"], ["go", "open"], won=True)]
+    with pytest.raises(ValueError, match="no outcome"):
+        transitions(table(*policy), "policy")
+    flipped = [[s.__class__(**{**vars(s), "won": not s.won, "reward": 1.0 - s.reward, "done": not s.done}) for s in e]
+               for e in policy]
+    asked: list[list[str]] = []
+
+    def sample_next(prompts: list[str]) -> list[str]:
+        asked.append(prompts)
+        return [f"ACTION: next after {p}" for p in prompts]
+
+    tables = []
+    for name, episodes in (("as-played", policy), ("flipped", flipped)):
+        build_transitions(without_outcome(table(*expert)), without_outcome(table(*episodes)), sample_next,
+                          tmp_path / name, val_fraction=0.0, seed=0)
+        tables.append(pq.read_table(tmp_path / name / "transitions.parquet"))
+    assert tables[0].equals(tables[1])
+    rows = tables[0].to_pylist()
+    positives = [r for r in rows if r["source"] == "expert"]
+    assert len(positives) == 2 == len(rows) - len(positives)  # balanced: 2 expert vs 5 policy transitions
+    # a' of an expert transition is the policy's response at s'; the terminal one has none.
+    assert asked[0] == ["x1"] and positives[0]["next_response"] == "ACTION: next after x1"
+    assert positives[1]["terminal"] and positives[1]["next_prompt"] is None
+
+
+def test_implied_reward_by_hand():
+    q, q_next = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 5.0])
+    r = implied_rewards(q, q_next, torch.tensor([False, True]), gamma=0.9)
+    assert r.tolist() == pytest.approx([2.0 - 0.9, 1.0])
+
+
+@pytest.fixture(scope="module")
+def toy_transitions(tmp_path_factory):
+    """16 games: the expert takes the mug, the policy looks around; separable by the action."""
+    states = [f"{PROMPT}You are in room {i}. Admissible commands: look, take mug {i}" for i in range(16)]
+    expert = [episode(f"room{i}/e", 0, [s, s + " You hold it."], [f"take mug {i}", "look"], True)
+              for i, s in enumerate(states)]
+    policy = [episode(f"room{i}/p", 0, [s, s + " Nothing happens."], ["look", "look"], False)
+              for i, s in enumerate(states)]
+    out = tmp_path_factory.mktemp("transitions")
+    summary = build_transitions(without_outcome(table(*expert)), without_outcome(table(*policy)),
+                                lambda prompts: ["look" for _ in prompts], out, val_fraction=0.25, seed=0)
+    assert summary["per_side"] == 32 and summary["terminal"] == {"expert": 16, "policy": 16}
+    assert summary["val_games"] == 8  # 4 of 16 rooms, each with an expert and a policy game
+    return out
+
+
+def test_inverse_prm_learner_separates_expert_from_policy_transitions(ray_local, tiny_model, toy_transitions,
+                                                                      tmp_path):
+    cfg = small_cfg(**{"algorithm": "inverseprm", "learner.num_workers": 2, "prm.batch_size": 8,
+                       "prm.micro_batch_size": 2, "prm.lr": 3e-3, "prm.warmup_steps": 1, "prm.epochs": 4,
+                       "prm.checkpoint_every": 100, "critic.gamma": 0.9})
+    report = train_inverse_prm(cfg, toy_transitions, tiny_model, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    n = len(records) // 3
+    assert np.mean([r["loss"] for r in records[-n:]]) < 0.5 * np.mean([r["loss"] for r in records[:n]])
+    assert report["val_transitions"] == 16 and report["auc"] == 1.0 and report["accuracy"] == 1.0
+    assert report["mean_reward"]["expert"] > 0 > report["mean_reward"]["policy"]
+    assert (tmp_path / "prm/model.safetensors").is_file()
+
+
+def test_steered_prompt_adds_the_hint_after_the_system_instructions(tiny_model):
+    from transformers import AutoTokenizer
+
+    from agent import AgentState
+
+    prompt = render_prompt(AutoTokenizer.from_pretrained(tiny_model), AgentState("task", "obs", ["look"]), 8)
+    steered = steer_prompt(prompt, "Explore.")
+    assert steered.replace(f"{SYSTEM_PROMPT}\nExplore.", SYSTEM_PROMPT) == prompt and steered != prompt
+    with pytest.raises(ValueError, match="system instructions"):
+        steer_prompt("no system prompt here", "Explore.")
+
+
+class RecordingPolicy:
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def generate(self, prompts, params):
+        self.prompts += prompts
+        return ray.put(GenerateResult([[Generation(t, [], [], "stop") for t in ("ACTION: a", "ACTION: b")]], 0))
+
+
+class LengthPRM:
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def score(self, prompt, responses):
+        self.prompts.append(prompt)
+        return ray.put(ScoreResult([float(r.endswith("b")) for r in responses], 0))
+
+
+def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_prompt(ray_local):
+    state = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\ns<|im_end|>\n"
+    policy, prm = RecordingPolicy(), LengthPRM()
+    dpo = {"max_policy_lag": 0, "push_every": 1, "temperature": 0.7, "max_new_tokens": 8,
+           "exploration_prompt": "Explore."}
+    pairs = PairSampler(policy, prm, lambda step: [state], dpo, seed=0, total_steps=1).pairs(1)
+    assert policy.prompts == [steer_prompt(state, "Explore.")]
+    assert prm.prompts == [state] and pairs[0].prompt == state and pairs[0].chosen == "ACTION: b"
+
+
+def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_games):
+    game = ood_games[0]
+    worker = RolloutWorker(0, 1, "random", tiny_model, max_steps=4, history_turns=8, policy=None)
+    steps = asyncio.run(worker.play(EpisodeTask(game, 0, seed=1, reset_steps=2)))
+    expert = asyncio.run(RolloutWorker(0, 1, "expert", tiny_model, max_steps=2, history_turns=8,
+                                       policy=None).play(EpisodeTask(game, 0, seed=1)))
+    assert [s.step for s in steps] == [2, 3]  # the step limit counts the expert's steps too
+    first = steps[0].prompt
+    assert all(f"> {s.action}" in first for s in expert) and all(s.policy_version == -1 for s in steps)
+
+
+def test_reset_distribution_is_seeded_and_stays_inside_the_demonstration():
+    import driver
+
+    lengths = {"g/0": 10, "g/1": 1}
+    off = small_cfg(**{"critic.reset_fraction": 0.0})
+    on = small_cfg(**{"critic.reset_fraction": 1.0})
+    half = small_cfg(**{"critic.reset_fraction": 0.5})
+    assert all(driver.reset_steps(off, "g/0", e, lengths) == 0 for e in range(20))
+    starts = [driver.reset_steps(on, "g/0", e, lengths) for e in range(50)]
+    assert all(1 <= k <= 9 for k in starts) and len(set(starts)) > 3
+    assert starts == [driver.reset_steps(on, "g/0", e, lengths) for e in range(50)]
+    assert driver.reset_steps(on, "g/1", 0, lengths) == 0 and driver.reset_steps(on, "g/2", 0, lengths) == 0
+    short = small_cfg(**{"critic.reset_fraction": 1.0, "env.max_steps": 3})  # the policy still gets a step
+    assert {driver.reset_steps(short, "g/0", e, lengths) for e in range(30)} == {1, 2}
+    assert 5 < sum(driver.reset_steps(half, "g/0", e, lengths) > 0 for e in range(40)) < 35
