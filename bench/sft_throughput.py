@@ -45,7 +45,7 @@ def main() -> None:
              log_to_driver=True, object_store_memory=2**30)
     demos_run = REPO_ROOT / "bench/results/.sft_demos" / f"train-{args.games}"
     base = [f"demos.num_games={args.games}", f"run_dir={demos_run}", f"learner.num_workers={args.workers}",
-            f"sft.epochs={args.epochs}", "sft.checkpoint_every=1000000"]
+            f"sft.epochs={args.epochs}", "sft.checkpoint_every=1000000", "sft.max_steps=null", "env.max_steps=50"]
     if not (demos_run / "demos.parquet").exists():
         demos_run.mkdir(parents=True, exist_ok=True)
         collect_demos(load_config(["mode=demos", *base]), demos_run)

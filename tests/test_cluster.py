@@ -25,7 +25,8 @@ def test_cluster_yaml_is_valid_and_matches_the_cluster_config():
     validate_config(prepare_config(copy.deepcopy(cluster)))
     nodes = cluster["available_node_types"]
     # (the engine is overridden: this environment may lack vLLM, which the config's engine needs)
-    cfg = load_config(["--config", str(REPO_ROOT / "configs/gpu_cluster.yaml"), "policy.engine=hf"])
+    cfg = load_config(["--config", str(REPO_ROOT / "configs/gpu_cluster.yaml"), "policy.engine=hf",
+                       "policy.model=smollm2-135m-instruct"])
     # every custom resource an actor asks for is offered by some node type, else it waits forever
     for wanted in (cfg.rollout.resources, cfg.policy.resources, cfg.prm_service.resources,
                    cfg.learner.resources_per_worker):
@@ -83,7 +84,7 @@ def test_ray_job_submit_runs_the_driver(tiny_model, tmp_path):
     try:
         wait_for_head(head, dash_port)
         submit = [f"{bin_dir}/ray", "job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--working-dir",
-                  ".", "--", "python", "driver.py", f"run_dir={run_dir}", f"policy.model={tiny_model}",
+                  ".", "--", "python", "driver.py", "mode=eval", f"run_dir={run_dir}", f"policy.model={tiny_model}",
                   f"data.archive={(REPO_ROOT / archive).resolve()}", "eval.num_games=2", "env.max_steps=2",
                   "policy.max_new_tokens=4", "rollout.num_workers=1", "rollout.envs_per_worker=2"]
         for _ in range(30):  # the head's job agent registers a little after the dashboard answers

@@ -11,7 +11,8 @@ from configs import REPO_ROOT, ConfigError, load_config, save_config
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(["eval.num_games=3", "rollout.num_workers=4", "policy.temperature=0.3"])
     assert (cfg.eval.num_games, cfg.rollout.num_workers, cfg.policy.temperature) == (3, 4, 0.3)
-    assert cfg.env.max_steps == 50 and cfg.eval.split == "eval_out_of_distribution"
+    # configs/default.yaml over the schema's defaults
+    assert (cfg.mode, cfg.env.max_steps, cfg.sft.max_steps) == ("train", 50, 6) and cfg.prompt.history_turns == 8
     saved = OmegaConf.load(save_config(cfg, tmp_path))
     assert saved == cfg
 
@@ -38,7 +39,7 @@ def test_defaults_and_overrides(tmp_path):
     (["prm.loss=hinge"], "prm.loss='hinge' is not one of absolute, relative"),
     (["prm.batch_size=30"], "prm.batch_size (30) must be a multiple of learner.num_workers x prm.micro_batch_size"),
     (["critic.discount=forward"], "critic.discount='forward' is not one of to_go, from_start"),
-    (["critic.num_games=1"], "critic.val_fraction=0.1 holds out all 1 games"),
+    (["critic.num_games=1", "critic.val_fraction=0.1"], "critic.val_fraction=0.1 holds out all 1 games"),
     (["policy.best_of_n=4", "policy.temperature=0.7"], "policy.best_of_n > 1 needs a PRM: prm_service.model"),
     (["policy.best_of_n=4", "prm_service.model=."], "policy.best_of_n > 1 needs policy.temperature > 0"),
     (["policy.best_of_n=4", "policy.temperature=1", "prm_service.model=configs"], "is not a Hugging Face folder"),
@@ -96,7 +97,8 @@ def test_a_run_from_before_new_config_keys_still_resumes(tmp_path):
     cfg = load_config(["eval.num_games=3"])
     save_config(cfg, tmp_path)
     saved = OmegaConf.load(tmp_path / "config.yaml")
-    del saved["critic"]
+    del saved["critic"]["reset_fraction"]
+    del saved["dpo"]["exploration_prompt"]
     del saved["prm"]["loss"]
     OmegaConf.save(saved, tmp_path / "config.yaml")
     save_config(cfg, tmp_path)
@@ -106,5 +108,7 @@ def test_a_run_from_before_new_config_keys_still_resumes(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads(path):
-    # (the engine is overridden: this environment may lack vLLM, which some configs use)
-    assert load_config(["--config", str(path), "policy.engine=hf"]).mode in ("eval", "sft", "critic")
+    # (the engine and model are overridden: this environment may lack vLLM and the 3B model
+    # of the cluster config)
+    cfg = load_config(["--config", str(path), "policy.engine=hf", "policy.model=smollm2-135m-instruct"])
+    assert cfg.mode in ("eval", "sft", "critic", "train")

@@ -36,7 +36,7 @@ def run_driver(*args):
 
 def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
     run_dir = tmp_path / "eval"
-    args = [f"run_dir={run_dir}", f"policy.model={tiny_model}", "eval.num_games=3", "env.max_steps=3",
+    args = [f"run_dir={run_dir}", "mode=eval", f"policy.model={tiny_model}", "eval.num_games=3", "env.max_steps=3",
             "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=3", "seed=7"]
     proc = run_driver(*args)
     report = json.loads((run_dir / "eval.json").read_text())
