@@ -102,25 +102,37 @@ def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     return cfg
 
 
-def reset_steps(cfg: DictConfig, game_id: str, episode_index: int, expert_lengths: dict[str, int]) -> int:
+def reset_steps(cfg: DictConfig, game_id: str, episode_index: int, demonstrations: dict[str, list[str]]) -> int:
     """The reset distribution: for a `critic.reset_fraction` share of the episodes of games
-    whose expert demonstration has L >= 2 steps, the expert plays 1..L-1 steps (uniform; fewer
-    than the step limit) before the policy takes over; 0 otherwise."""
-    end = min(expert_lengths.get(game_id, 0), cfg.env.max_steps)  # the policy acts at least once
+    whose demonstration has L >= 2 steps, its first 1..L-1 commands (uniform; fewer than the
+    step limit) are played before the policy takes over; 0 otherwise."""
+    end = min(len(demonstrations.get(game_id, ())), cfg.env.max_steps)  # the policy acts at least once
     rng = random.Random(episode_seed(cfg.seed + 1, game_id, episode_index))
     if end < 2 or rng.random() >= cfg.critic.reset_fraction:
         return 0
     return rng.randrange(1, end)
 
 
+def demonstrated_commands(demos: Path) -> dict[str, list[str]]:
+    """Each game's demonstration (its first, if several) as its list of commands, in order."""
+    table = pq.read_table(demos, columns=["game_id", "episode_id", "step", "action"])
+    episodes: dict[str, list[str]] = {}
+    for row in table.sort_by([("episode_id", "ascending"), ("step", "ascending")]).to_pylist():
+        episodes.setdefault(row["episode_id"], []).append(row["action"])
+    out: dict[str, list[str]] = {}
+    for episode_id in sorted(episodes):
+        out.setdefault(episode_id.rsplit("#", 1)[0], episodes[episode_id])
+    return out
+
+
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
          episodes_per_game: int, model: str | None = None, sample_games: bool = False,
-         expert_lengths: dict[str, int] | None = None) -> tuple[pa.Table, dict]:
+         demonstrations: dict[str, list[str]] | None = None) -> tuple[pa.Table, dict]:
     """Play `episodes_per_game` episodes of the split's first `num_games` games (with
     `sample_games`, a sample of them seeded by `seed`, spanning the task types) with `model`
     (default `policy.model`), one shard per episode in `episodes_dir`; with
     `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM; with
-    `expert_lengths` (game id -> steps of its demonstration), episodes start from the reset
+    `demonstrations` (game id -> its demonstration's commands), episodes start from the reset
     distribution of `critic.reset_fraction`.
 
     Returns the episodes' step records and their report (success overall and per task type).
@@ -130,8 +142,9 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     if sample_games and num_games is not None and num_games < len(games):
         games = sorted(random.Random(cfg.seed).sample(games, num_games), key=lambda g: g.game_id)
     games = games[:num_games]
+    demonstrations = demonstrations or {}
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e),
-                         reset_steps(cfg, g.game_id, e, expert_lengths) if expert_lengths else 0)
+                         tuple(demonstrations.get(g.game_id, [])[:reset_steps(cfg, g.game_id, e, demonstrations)]))
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(model)
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
@@ -225,13 +238,9 @@ def policy_rollouts(cfg: DictConfig, out: Path, policy_model: str, demos: Path) 
     `critic.reset_fraction`, that share of them starts along the game's demonstration."""
     rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
                                        "prm_service.model": None})
-    expert_lengths = None
-    if cfg.critic.reset_fraction:
-        games = pq.read_table(demos, columns=["game_id"])["game_id"].to_pylist()
-        expert_lengths = {g: games.count(g) for g in sorted(set(games))}
     steps, report = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
                          cfg.critic.rollouts_per_game, model=policy_model, sample_games=True,
-                         expert_lengths=expert_lengths)
+                         demonstrations=demonstrated_commands(demos) if cfg.critic.reset_fraction else None)
     print(format_report(report))
     return steps, report
 

@@ -160,7 +160,7 @@ class CriticConfig:
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
     temperature: float = 0.3  # sampling temperature of those rollouts (and of InversePRM's a') (the paper: 0.3)
     # Reset distribution: this share of the rollouts starts from a state along the game's expert
-    # demonstration (the expert plays 1..L-1 of its L steps first; needs demonstrations). 0 = off.
+    # demonstration (its first 1..L-1 of L commands are replayed; needs demonstrations). 0 = off.
     reset_fraction: float = 0.0
     # AgentPRM: the discount of the Monte Carlo targets; InversePRM: of r = Q(s, a) - gamma Q(s', a').
     gamma: float = 0.95

@@ -27,9 +27,9 @@ class EpisodeTask:
     game: Game
     episode_index: int  # several episodes of one game are told apart by this
     seed: int
-    # Reset distribution: the handcoded expert plays this many steps first (not recorded), so
-    # the policy starts from a state along the expert's trajectory.
-    reset_steps: int = 0
+    # Reset distribution: these commands (a prefix of the game's expert demonstration) are
+    # played first and not recorded, so the policy starts from a state along that trajectory.
+    reset_actions: tuple[str, ...] = ()
 
     @property
     def episode_id(self) -> str:
@@ -70,17 +70,17 @@ class RolloutWorker:
         try:
             obs = env.reset(task.game)
             state = AgentState(env.task, obs.text, obs.admissible_commands)
-            for _ in range(task.reset_steps):
-                command = env.expert_action()
+            for command in task.reset_actions:
                 obs = env.step(command)
                 if obs.done:
-                    raise RuntimeError(f"{task.episode_id}: the game ended within its {task.reset_steps} reset steps")
+                    raise RuntimeError(f"{task.episode_id}: the game ended within its {len(task.reset_actions)} "
+                                       "reset actions")
                 state.advance(command, obs.text, obs.admissible_commands)
             steps: list[StepRecord] = []
             while True:
                 prompt = render_prompt(self.tokenizer, state, self.history_turns)
                 act = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
-                step = task.reset_steps + len(steps)
+                step = len(task.reset_actions) + len(steps)
                 action = command_to_send(act.response)
                 valid = parse_action(act.response) is not None and action in state.admissible_commands
                 obs = env.step(action)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
+import driver
 from configs import REPO_ROOT
 from rollout_workers import SCHEMA, format_report, summarize
 
@@ -177,7 +178,7 @@ def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tm
     proc = run_driver(
         f"run_dir={run_dir}", "mode=train", "algorithm=inverseprm", "iterations=2", f"init_policy={tiny_model}",
         f"policy.model={tiny_model}", f"sft.demos={demos_dir / 'demos.parquet'}", "critic.num_games=2",
-        "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "critic.reset_fraction=0.5", "env.max_steps=3",
+        "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "critic.reset_fraction=1.0", "env.max_steps=3",
         "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2",
         "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2", "dpo.batch_size=2",
         "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0",
@@ -196,10 +197,17 @@ def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tm
         assert json.loads((run_dir / f"iter_{i}/bon_after/eval.json").read_text())["best_of_n"] == 2
         dataset = json.loads((critic / "dataset.json").read_text())
         assert dataset["states"] == str(critic / "transitions.parquet")
-    # The reset distribution (demos and rollouts sample the same 2 games): some rollouts start
-    # after expert steps, some at the start.
-    starts: dict[str, int] = {}
+    # The reset distribution (demos and rollouts sample the same 2 games): each rollout starts
+    # where the seeded draw puts it along its game's demonstration (all of them, with a
+    # fraction of 1, unless the expert lost that game).
+    demonstrations = driver.demonstrated_commands(demos_dir / "demos.parquet")
+    first: dict[str, dict] = {}
     for s in pq.read_table(run_dir / "iter_1/critic/rollouts").to_pylist():
-        starts[s["episode_id"]] = min(s["step"], starts.get(s["episode_id"], s["step"]))
-    assert len(starts) == 4 and 0 in starts.values() and max(starts.values()) >= 1
+        if s["episode_id"] not in first or s["step"] < first[s["episode_id"]]["step"]:
+            first[s["episode_id"]] = s
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for episode_id, s in first.items():
+        k = driver.reset_steps(cfg, s["game_id"], int(episode_id.split("#")[1]), demonstrations)
+        assert s["step"] == k and all(f"> {c}\n" in s["prompt"] for c in demonstrations.get(s["game_id"], [])[:k])
+    assert len(first) == 4 and max(s["step"] for s in first.values()) >= 1
     assert "expert and" in proc.stdout and (run_dir / "success.png").is_file()

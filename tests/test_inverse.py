@@ -145,27 +145,28 @@ def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_p
 
 def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_games):
     game = ood_games[0]
-    worker = RolloutWorker(0, 1, "random", tiny_model, max_steps=4, history_turns=8, policy=None)
-    steps = asyncio.run(worker.play(EpisodeTask(game, 0, seed=1, reset_steps=2)))
     expert = asyncio.run(RolloutWorker(0, 1, "expert", tiny_model, max_steps=2, history_turns=8,
                                        policy=None).play(EpisodeTask(game, 0, seed=1)))
-    assert [s.step for s in steps] == [2, 3]  # the step limit counts the expert's steps too
-    first = steps[0].prompt
-    assert all(f"> {s.action}" in first for s in expert) and all(s.policy_version == -1 for s in steps)
+    worker = RolloutWorker(0, 1, "random", tiny_model, max_steps=4, history_turns=8, policy=None)
+    steps = asyncio.run(worker.play(EpisodeTask(game, 0, seed=1, reset_actions=tuple(s.action for s in expert))))
+    assert [s.step for s in steps] == [2, 3]  # the step limit counts the reset's steps too
+    # The policy's first state is the one the expert reached: its commands are the history.
+    assert all(f"> {s.action}\n{s.observation}" in steps[0].prompt for s in expert)
+    assert all(s.policy_version == -1 for s in steps)
 
 
 def test_reset_distribution_is_seeded_and_stays_inside_the_demonstration():
     import driver
 
-    lengths = {"g/0": 10, "g/1": 1}
+    demonstrations = {"g/0": [f"c{i}" for i in range(10)], "g/1": ["c0"]}
     off = small_cfg(**{"critic.reset_fraction": 0.0})
     on = small_cfg(**{"critic.reset_fraction": 1.0})
     half = small_cfg(**{"critic.reset_fraction": 0.5})
-    assert all(driver.reset_steps(off, "g/0", e, lengths) == 0 for e in range(20))
-    starts = [driver.reset_steps(on, "g/0", e, lengths) for e in range(50)]
+    assert all(driver.reset_steps(off, "g/0", e, demonstrations) == 0 for e in range(20))
+    starts = [driver.reset_steps(on, "g/0", e, demonstrations) for e in range(50)]
     assert all(1 <= k <= 9 for k in starts) and len(set(starts)) > 3
-    assert starts == [driver.reset_steps(on, "g/0", e, lengths) for e in range(50)]
-    assert driver.reset_steps(on, "g/1", 0, lengths) == 0 and driver.reset_steps(on, "g/2", 0, lengths) == 0
+    assert starts == [driver.reset_steps(on, "g/0", e, demonstrations) for e in range(50)]
+    assert driver.reset_steps(on, "g/1", 0, demonstrations) == 0 and driver.reset_steps(on, "g/2", 0, demonstrations) == 0
     short = small_cfg(**{"critic.reset_fraction": 1.0, "env.max_steps": 3})  # the policy still gets a step
-    assert {driver.reset_steps(short, "g/0", e, lengths) for e in range(30)} == {1, 2}
-    assert 5 < sum(driver.reset_steps(half, "g/0", e, lengths) > 0 for e in range(40)) < 35
+    assert {driver.reset_steps(short, "g/0", e, demonstrations) for e in range(30)} == {1, 2}
+    assert 5 < sum(driver.reset_steps(half, "g/0", e, demonstrations) > 0 for e in range(40)) < 35
