@@ -30,13 +30,17 @@ from learners.trainer import (build_engine, count_steps, export_hf, init_worker,
 from policy_server import SamplingParams
 
 
-def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probabilities of each row's response tokens (labels != IGNORE); the
-    logits at position t predict the token at t + 1."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
-    return (token_logprobs * mask).sum(dim=1)
+def response_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the log-probabilities of each row's response tokens (labels != IGNORE). The
+    model computes logits only at the positions that predict a response token (in any row):
+    over a whole prompt, [rows, length, vocabulary] logits would take most of the memory."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits at t predict the token at t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits.float()
+    targets = labels[:, keep + 1]
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return (token_logprobs * (targets != IGNORE)).sum(dim=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -163,10 +167,9 @@ def dpo_recipe(config: dict) -> None:
         examples = [tokenize(tokenizer, SFTExample(p.prompt, r)) for p in kept or [stand_in]
                     for r in (p.chosen, p.rejected)]
         inputs = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        logprobs = response_logprobs(engine(**forward).logits, inputs["labels"])
+        logprobs = response_logprobs(engine, inputs)
         with torch.no_grad():
-            ref = response_logprobs(reference(**forward).logits, inputs["labels"])
+            ref = response_logprobs(reference, inputs)
         loss, stats = dpo_loss(logprobs[0::2], logprobs[1::2], ref[0::2], ref[1::2], dpo["beta"])
         stats["tie_rate"] = 1 - len(kept) / len(micro)
         if not kept:  # the same keys in the same order on every rank: they are all-reduced

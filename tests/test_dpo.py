@@ -32,8 +32,7 @@ def test_response_logprobs_sum_the_response_tokens_only(tiny_model):
     examples = [tokenize(tokenizer, SFTExample(prompt, r)) for r in ("ACTION: look", "ACTION: go to shelf 1")]
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        got = response_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                batch["labels"])
+        got = response_logprobs(model, batch)
         for i, e in enumerate(examples):  # one at a time, token by token
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0], dim=-1)
             want = sum(logprobs[t - 1, e.input_ids[t]].item() for t in range(len(e.input_ids)) if e.labels[t] != IGNORE)
