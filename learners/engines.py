@@ -93,7 +93,11 @@ class DeepSpeedEngine:
         if self.zero_stage == 3:  # parameters are partitioned: gather them on rank 0
             state = self.engine._zero3_consolidated_16bit_state_dict()
             return state if dist.get_rank() == 0 else None
-        return self.module.state_dict() if dist.get_rank() == 0 else None
+        if dist.get_rank() != 0:
+            return None
+        # Under ZeRO the parameters are views into one flat buffer; serialising a view (to send
+        # it to the policy server) copies its whole buffer: 272 tensors of SmolLM2 made 14 GB.
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
 
 class DDPEngine:
