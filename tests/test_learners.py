@@ -110,3 +110,31 @@ def test_sft_with_plain_ddp(ray_local, tiny_model, demos, tmp_path):
     policy_dir = train_sft(sft_cfg(**{"learner.backend": "ddp"}), demos, tiny_model, tmp_path / "sft")
     trace = losses(tmp_path / "sft")
     assert trace[-1] < 0.5 * trace[0] and (policy_dir / "model.safetensors").is_file()
+
+
+def test_deepspeed_export_does_not_drag_the_flat_parameter_buffer():
+    """Under ZeRO the parameters are views into one flat buffer; the exported weights must
+    not be, or sending them to the policy server serialises the whole buffer per tensor."""
+    import pickle
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from learners.engines import DeepSpeedEngine
+
+    flat = torch.zeros(100_000)
+    model = torch.nn.Linear(10, 10)
+    model.weight.data, model.bias.data = flat[:100].view(10, 10), flat[100:110]
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # only the export, on a flat buffer like ZeRO's
+    engine.zero_stage, engine.module = 2, model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        state = engine.export_state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(state["weight"], model.weight) and torch.equal(state["bias"], model.bias)
+    assert len(pickle.dumps(state)) < 10_000 < len(pickle.dumps(model.state_dict()))
