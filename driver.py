@@ -304,7 +304,7 @@ def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
 
 
 def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, states: Path) -> dict:
-    """AgentPRM stage 3: online DPO of the policy against the PRM; the new policy in out/policy/.
+    """Stage 3: online DPO of the policy against the PRM; the new policy in out/policy/.
     With `dpo.monitor_games`, the reward-hacking monitor watches the policy versions as they
     reach the server (out/monitor.jsonl, out/monitor.png)."""
     model_path = resolve_model(policy_model)
@@ -362,7 +362,8 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
     """Stages 1 and 2 of `algorithm` for the policy `policy.model`, then Best-of-N with the new
     PRM; everything in run_dir/critic/. Finished stages are not redone."""
     out = run_dir / "critic"
-    dataset = stage(out, "stage_1", lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
+    dataset = stage(out, "stage_1",
+                    lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
     report = stage(out / "prm", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
     bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm"))
     return {"dataset": dataset, "prm": report, "best_of_n": bon}

@@ -237,7 +237,7 @@ class RayConfig:
 
 @dataclass
 class Config:
-    # eval | demos | sft (π0) | critic (AgentPRM stages 1-2 + Best-of-N) | train (the iterative loop)
+    # eval | demos | sft (π0) | critic (stages 1-2 of `algorithm` + Best-of-N) | train (the iterative loop)
     mode: str = "eval"
     seed: int = 0
     # mode=train and mode=critic: agentprm (Monte Carlo Q-targets from the outcome) or

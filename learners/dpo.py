@@ -76,8 +76,9 @@ def prefer(prompt: str, responses: list[str], scores: list[float], policy_versio
 def train_dpo(cfg, states: Path, init_model: str, policy, prm, out_dir: Path) -> Path:
     """Online DPO from `init_model` (also the frozen reference) on the states of `states`
     (stage 1's qtargets.parquet or transitions.parquet, train split), sampling from `policy`
-    (a PolicyClient serving `init_model`) and scoring with `prm` (a PRMClient). Every `dpo.push_every` steps, and
-    after the last, the weights go to the policy server as its next version.
+    (a PolicyClient serving `init_model`) and scoring with `prm` (a PRMClient). Every
+    `dpo.push_every` steps, and after the last, the weights go to the policy server as its
+    next version.
     Returns the Hugging Face folder of the new policy."""
     run_recipe(dpo_recipe, cfg, "dpo", out_dir, states=str(states.resolve()), init_model=init_model,
                policy=policy, prm=prm, first_version=max(policy.versions()))

@@ -119,8 +119,8 @@ def sample_next_actions(policy, prompts: list[str], temperature: float, max_toke
                         chunk: int = 32) -> list[str]:
     """The policy's response to each prompt (one sample, seeded by the prompt), in chunks
     spread over the policy server's replicas."""
-    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=(seed + zlib.crc32(p.encode())) % 2**31)
-              for p in prompts]
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                             seed=(seed + zlib.crc32(p.encode())) % 2**31) for p in prompts]
     refs = [policy.generate(prompts[i:i + chunk], params[i:i + chunk]) for i in range(0, len(prompts), chunk)]
     out: list[str] = []
     for ref in tqdm(refs, desc="a' from the policy", unit="chunk", dynamic_ncols=True):
