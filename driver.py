@@ -42,7 +42,7 @@ import ray  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
-from envs import list_games, resolve_data_root  # noqa: E402
+from envs import list_games, pick_games, resolve_data_root  # noqa: E402
 from learners import (build_dataset, build_transitions, sample_next_actions, train_dpo, train_inverse_prm,  # noqa: E402
                       train_prm, train_sft, without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
@@ -85,7 +85,7 @@ def init_ray(cfg: DictConfig) -> None:
             resources[key] = resources.get(key, 0) + amount * count
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), resources=resources,
              object_store_memory=int(cfg.ray.object_store_memory_gb * 2**30), runtime_env=runtime_env,
-             include_dashboard=False)
+             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
     needed, have = cfg.policy.replicas * cfg.policy.num_gpus, ray.cluster_resources().get("GPU", 0)
     if needed > have:
         ray.shutdown()
@@ -126,11 +126,11 @@ def demonstrated_commands(demos: Path) -> dict[str, list[str]]:
 
 
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
-         episodes_per_game: int, model: str | None = None, sample_games: bool = False,
+         episodes_per_game: int, model: str | None = None,
          demonstrations: dict[str, list[str]] | None = None) -> tuple[pa.Table, dict]:
-    """Play `episodes_per_game` episodes of the split's first `num_games` games (with
-    `sample_games`, a sample of them seeded by `seed`, spanning the task types) with `model`
-    (default `policy.model`), one shard per episode in `episodes_dir`; with
+    """Play `episodes_per_game` episodes of `num_games` games of the split (`pick_games`: the
+    same games in every run, task types in their shares) with `model` (default
+    `policy.model`), one shard per episode in `episodes_dir`; with
     `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM; with
     `demonstrations` (game id -> its demonstration's commands), episodes start from the reset
     distribution of `critic.reset_fraction`.
@@ -138,10 +138,7 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     Returns the episodes' step records and their report (success overall and per task type).
     """
     model = model or cfg.policy.model
-    games = list_games(split, resolve_data_root(cfg.data.archive))
-    if sample_games and num_games is not None and num_games < len(games):
-        games = sorted(random.Random(cfg.seed).sample(games, num_games), key=lambda g: g.game_id)
-    games = games[:num_games]
+    games = pick_games(list_games(split, resolve_data_root(cfg.data.archive)), num_games)
     demonstrations = demonstrations or {}
     tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e),
                          tuple(demonstrations.get(g.game_id, [])[:reset_steps(cfg, g.game_id, e, demonstrations)]))
@@ -180,8 +177,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: st
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1,
-                         sample_games=True)
+    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")
@@ -233,13 +229,13 @@ def demos_path(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def policy_rollouts(cfg: DictConfig, out: Path, policy_model: str, demos: Path) -> tuple[pa.Table, dict]:
-    """Stage 1's rollouts: `critic.rollouts_per_game` episodes per game of a seeded sample of
-    `critic.num_games` games, the policy alone at `critic.temperature` (out/rollouts/); with
+    """Stage 1's rollouts: `critic.rollouts_per_game` episodes per game of `critic.num_games`
+    games, the policy alone at `critic.temperature` (out/rollouts/); with
     `critic.reset_fraction`, that share of them starts along the game's demonstration."""
     rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
                                        "prm_service.model": None})
     steps, report = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
-                         cfg.critic.rollouts_per_game, model=policy_model, sample_games=True,
+                         cfg.critic.rollouts_per_game, model=policy_model,
                          demonstrations=demonstrated_commands(demos) if cfg.critic.reset_fraction else None)
     print(format_report(report))
     return steps, report
@@ -314,7 +310,7 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
     try:
         if cfg.dpo.monitor_games:
             workers = start_rollout_workers(cfg, "llm", model_path, policy)
-            games = list_games(cfg.eval.split, resolve_data_root(cfg.data.archive))[:cfg.dpo.monitor_games]
+            games = pick_games(list_games(cfg.eval.split, resolve_data_root(cfg.data.archive)), cfg.dpo.monitor_games)
             targets = pq.read_table(states, columns=["prompt", "split"]).to_pylist()
             held_out = sorted({r["prompt"] for r in targets if r["split"] == "val"})[:cfg.dpo.monitor_states]
             monitor = RewardHackingMonitor(

@@ -97,12 +97,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--agents", nargs="+", default=["random", "llm"])
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--model", default=None, help="a Hugging Face folder (default: policy.model)")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/rollout_throughput.json"))
     args = parser.parse_args()
 
     base = load_config([f"env.max_steps={args.max_steps}", "policy.torch_threads=2", "rollout.num_cpus=0.25",
-                        f"policy.engine={args.engine}"])
+                        f"policy.engine={args.engine}"] + ([f"policy.model={args.model}"] if args.model else []))
     games = list_games("eval_out_of_distribution", resolve_data_root(base.data.archive))[:args.games]
     model_path = resolve_model(base.policy.model)
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,

@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/sft_throughput.json"))
     args = parser.parse_args()
 
-    ray.init(address="local", num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True, object_store_memory=2**30)
+    ray.init(address="local", num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True, object_store_memory=2**30)
     demos_run = REPO_ROOT / "bench/results/.sft_demos" / f"train-{args.games}"
     base = [f"demos.num_games={args.games}", f"run_dir={demos_run}", f"learner.num_workers={args.workers}",
             f"sft.epochs={args.epochs}", "sft.checkpoint_every=1000000", "sft.max_steps=null", "env.max_steps=50"]

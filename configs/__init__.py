@@ -223,11 +223,22 @@ def _check_vllm(policy: DictConfig) -> None:
                "policy.num_gpus must be at least policy.vllm.tensor_parallel_size")
 
 
+# Keys that say where and how fast the work runs, not what it computes (episodes are seeded
+# per game, not per worker): a run may resume with more workers or another Ray cluster.
+# The learner's world size is not among them: its ZeRO checkpoints are sharded by rank.
+PLACEMENT_KEYS = ("ray.", "rollout.num_workers", "rollout.envs_per_worker", "rollout.num_cpus",
+                  "rollout.resources", "policy.replicas", "policy.num_cpus", "policy.torch_threads",
+                  "policy.num_gpus", "policy.resources", "policy.openai_port", "policy.vllm.kv_cache_gb",
+                  "prm_service.replicas", "prm_service.num_cpus", "prm_service.torch_threads",
+                  "prm_service.num_gpus", "prm_service.resources", "learner.num_cpus_per_worker",
+                  "learner.resources_per_worker", "learner.torch_threads", "learner.max_failures")
+
+
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Write the resolved config beside the run's outputs, so the run can be reproduced.
 
     A run directory that already holds a run with another config is refused: resuming
-    into it would mix the two runs' episodes.
+    into it would mix the two runs' episodes. Only PLACEMENT_KEYS may change.
     """
     path = run_dir / "config.yaml"
     if path.is_file():
@@ -236,7 +247,8 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
             saved = OmegaConf.merge(OmegaConf.structured(Config), saved)
         except OmegaConfBaseException:  # it holds a key the schema no longer has: a different config
             pass
-        changed = _changed_keys(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
+        changed = [key for key in _changed_keys(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
+                   if not key.startswith(PLACEMENT_KEYS)]
         if changed:
             raise ConfigError(f"config: {run_dir} holds a run with a different config ({', '.join(changed)}); "
                               "use another run_dir")

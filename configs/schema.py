@@ -97,7 +97,9 @@ class RolloutConfig:
 @dataclass
 class EvalConfig:
     split: str = "eval_out_of_distribution"
-    num_games: Optional[int] = None  # the first N games of the sorted split; null = all
+    # N games of the split, task types in their shares (envs.pick_games: the same games in
+    # every run, a smaller N a subset of a larger one); null = all.
+    num_games: Optional[int] = None
     episodes_per_game: int = 1
     # mode=train: also Best-of-N(π_{i-1}, Q_{i-1}) and Best-of-N(π_i, Q_{i-1}) in every iteration
     # (Q_{i-1}: the PRM fit on π_{i-1}'s rollouts; the paper's Figure 5b), with this N and
@@ -108,8 +110,8 @@ class EvalConfig:
 @dataclass
 class DemosConfig:
     split: str = "train"
-    # A seeded sample of N games of the split (all task types; the same games as critic.num_games
-    # = N picks); null = all.
+    # N games of the split, picked as eval.num_games picks them (the same games as
+    # critic.num_games = N); null = all.
     num_games: Optional[int] = None
 
 
@@ -156,7 +158,7 @@ class CriticConfig:
     """Stage 1 of both algorithms (AgentPRM: rollouts -> Monte Carlo Q-targets; InversePRM:
     rollouts and demonstrations -> transitions) and the Best-of-N report of mode=critic."""
     split: str = "train"
-    num_games: Optional[int] = None  # a seeded sample of N games of the split (all task types); null = all
+    num_games: Optional[int] = None  # N games of the split, picked as eval.num_games picks them; null = all
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
     temperature: float = 0.3  # sampling temperature of those rollouts (and of InversePRM's a') (the paper: 0.3)
     # Reset distribution: this share of the rollouts starts from a state along the game's expert
@@ -201,7 +203,7 @@ class DPOConfig(TrainConfig):
     max_policy_lag: int = 1  # sampling runs ahead of the learner by at most this many versions (0 = lockstep)
     # The reward-hacking monitor (the paper's Figure 3): every `monitor_every` policy versions,
     # the PRM's mean score of the policy's responses on `monitor_states` held-out states next to
-    # its success on the first `monitor_games` games of eval.split. 0 games = off.
+    # its success on `monitor_games` games of eval.split (picked as eval.num_games picks). 0 games = off.
     monitor_games: int = 0
     monitor_states: int = 32
     monitor_every: int = 1
@@ -233,6 +235,11 @@ class RayConfig:
     # null: join the cluster of $RAY_ADDRESS (ray job submit sets it), else start a local one.
     address: Optional[str] = None
     object_store_memory_gb: float = 2.0  # local Ray only
+    # Local Ray only: the dashboard on 127.0.0.1 (port 8265, or the next free one). Ray Train's
+    # placement-group cleaner asks it whether the trainer lives; a cluster without one points
+    # the cleaner at 127.0.0.1:8265 anyway, where it warns every few seconds, or, when another
+    # local cluster's dashboard listens there, is told the trainer is gone and removes its workers.
+    dashboard: bool = True
 
 
 @dataclass

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import tarfile
+import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,27 @@ def list_games(split: str, root: Path) -> list[Game]:
     if not games:
         raise DataError(f"split {split} has no playable games under {split_dir}")
     return games
+
+
+def pick_games(games: list[Game], num_games: int | None) -> list[Game]:
+    """`num_games` of the games (all if None), the task types in their shares of the split.
+
+    The sorted list is grouped by task type, so its first games are all of one or two types.
+    Here each type's games come in a fixed pseudo-random order (crc32 of the id) and the
+    types are interleaved by share: every run picks the same games, whatever its seed, and
+    a smaller pick is part of a larger one. Returned sorted by id.
+    """
+    if num_games is None or num_games >= len(games):
+        return games
+    by_type: dict[str, list[Game]] = defaultdict(list)
+    for game in games:
+        by_type[game.task_type].append(game)
+    order = []
+    for task_type, group in by_type.items():
+        group.sort(key=lambda g: zlib.crc32(g.game_id.encode()))
+        order += [((i + 0.5) / len(group), task_type, game) for i, game in enumerate(group)]
+    order.sort(key=lambda item: item[:2])
+    return sorted((game for *_, game in order[:num_games]), key=lambda g: g.game_id)
 
 
 if __name__ == "__main__":

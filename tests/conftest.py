@@ -95,7 +95,10 @@ def ray_local():
     """One local Ray for the whole session (tests never `ray stop`: it kills every Ray process)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, object_store_memory=500 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+    # With a dashboard, as the driver's local Ray: Ray Train's placement-group cleaner asks the
+    # dashboard of its cluster whether the trainer lives, and a cluster without one points at
+    # 127.0.0.1:8265, which may be another cluster's.
+    ray.init(address="local", num_cpus=4, object_store_memory=500 * 2**20, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()

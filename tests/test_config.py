@@ -90,6 +90,12 @@ def test_a_run_dir_keeps_its_config(tmp_path):
     save_config(cfg, tmp_path)  # the same config: a resume
     with pytest.raises(ConfigError, match=r"different config \(eval.num_games, seed\); use another run_dir"):
         save_config(load_config(["eval.num_games=4", "seed=1"]), tmp_path)
+    # More workers or another cluster: the same episodes, so the run resumes with them.
+    scaled = load_config(["eval.num_games=3", "rollout.num_workers=8", "policy.replicas=2", "ray.dashboard=false"])
+    save_config(scaled, tmp_path)
+    assert OmegaConf.load(tmp_path / "config.yaml").rollout.num_workers == 8
+    with pytest.raises(ConfigError, match=r"different config \(learner.zero_stage\)"):
+        save_config(load_config(["eval.num_games=3", "learner.zero_stage=3"]), tmp_path)
 
 
 def test_a_run_from_before_new_config_keys_still_resumes(tmp_path):

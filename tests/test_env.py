@@ -1,7 +1,9 @@
 """The ALFWorld adapter on real games."""
 import pytest
 
-from envs import TASK_TYPES, AlfworldEnv, DataError, list_games
+from collections import Counter
+
+from envs import TASK_TYPES, AlfworldEnv, DataError, list_games, pick_games
 
 
 def test_splits_are_sorted_and_typed(data_root, ood_games):
@@ -10,6 +12,19 @@ def test_splits_are_sorted_and_typed(data_root, ood_games):
     assert len(ood_games) == 134  # the paper's evaluation set, in the shipped copy
     assert {g.task_type for g in ood_games} == set(TASK_TYPES.values())
     assert len(list_games("eval_in_distribution", data_root)) == 140
+
+
+def test_a_pick_of_games_spans_the_task_types_in_their_shares(ood_games):
+    # The sorted split's first 40 games are of two task types only.
+    assert len({g.task_type for g in ood_games[:40]}) == 2
+    six, forty = pick_games(ood_games, 6), pick_games(ood_games, 40)
+    assert {g.task_type for g in six} == set(TASK_TYPES.values())
+    assert set(six) <= set(forty) and [g.game_id for g in forty] == sorted(g.game_id for g in forty)
+    shares = Counter(g.task_type for g in ood_games)
+    for task_type, count in Counter(g.task_type for g in forty).items():
+        assert abs(count - 40 * shares[task_type] / len(ood_games)) <= 1
+    assert pick_games(list(reversed(ood_games)), 40) == forty  # the same games whatever the order given
+    assert pick_games(ood_games, None) == ood_games and pick_games(ood_games, 500) == ood_games
 
 
 def test_unknown_split_is_a_clear_error(data_root):
