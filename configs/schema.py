@@ -235,7 +235,7 @@ class RayConfig:
     # null: join the cluster of $RAY_ADDRESS (ray job submit sets it), else start a local one.
     address: Optional[str] = None
     object_store_memory_gb: float = 2.0  # local Ray only
-    # Local Ray only: the dashboard on 127.0.0.1 (port 8265, or the next free one). Ray Train's
+    # Local Ray only: the dashboard on 127.0.0.1 (port 8265, or a free one if taken). Ray Train's
     # placement-group cleaner asks it whether the trainer lives; a cluster without one points
     # the cleaner at 127.0.0.1:8265 anyway, where it warns every few seconds, or, when another
     # local cluster's dashboard listens there, is told the trainer is gone and removes its workers.

@@ -1,7 +1,7 @@
 """The ALFWorld adapter on real games."""
-import pytest
-
 from collections import Counter
+
+import pytest
 
 from envs import TASK_TYPES, AlfworldEnv, DataError, list_games, pick_games
 
