@@ -49,8 +49,8 @@ from policy_server import SamplingParams, resolve_model, start_policy_servers  #
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
-from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, read_steps,  # noqa: E402
-                             run_episodes, start_rollout_workers, summarize)
+from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, playing_time,  # noqa: E402
+                             read_steps, run_episodes, start_rollout_workers, summarize)
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -147,7 +147,6 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
     prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
     workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
-    start = time.time()
     try:
         run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
     finally:  # free their CPUs for the next stage
@@ -159,7 +158,7 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
     report = summarize(steps)
     report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=model if agent == "llm" else None, wall_time_s=time.time() - start,
+                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(episodes_dir), 1),
                   best_of_n=cfg.policy.best_of_n if prm else None, prm=cfg.prm_service.model if prm else None)
     return steps, report
 

@@ -53,7 +53,9 @@ def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
     shards[0].unlink()
     run_driver(*args)
     assert [p.stat().st_mtime_ns for p in sorted((run_dir / "eval").glob("*.parquet"))][1:] == mtimes[1:]
-    assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 3
+    resumed = json.loads((run_dir / "eval.json").read_text())
+    assert resumed["episodes"] == 3
+    assert resumed["wall_time_s"] > report["wall_time_s"]  # both runs' playing time
 
 
 def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
