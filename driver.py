@@ -23,11 +23,13 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 import zlib
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # Before `import ray`: keep a local head on loopback, no usage reporting, no hub downloads.
 _ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -209,17 +211,48 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
 def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
     """Run a stage unless its manifest says it finished. The manifest (folder/manifest.json)
     is written last, with the stage's result and wall time: a stage stopped midway has none,
-    and runs again (continuing from its own episode shards or checkpoints)."""
+    and runs again (continuing from its own episode shards or checkpoints). The wall time
+    sums every run that worked on the stage (`stage_clock`)."""
     manifest = folder / "manifest.json"
     if manifest.exists():
         return json.loads(manifest.read_text())["result"]
-    start = time.time()
-    result = run()
     folder.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"stage": name, "wall_time_s": round(time.time() - start, 1),
+    with stage_clock(folder / "stage_time.json") as elapsed:
+        result = run()
+    manifest.write_text(json.dumps({"stage": name, "wall_time_s": round(elapsed(), 1),
                                     "finished": datetime.now().isoformat(timespec="seconds"), "result": result},
                                    indent=2))
     return result
+
+
+@contextmanager
+def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], float]]:
+    """Time a resumable stage across runs: the seconds so far live in `path`, rewritten every
+    `every_s` (a run killed midway loses at most that) and at the end. Yields the total."""
+    before = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+    start = time.monotonic()
+
+    def elapsed() -> float:
+        return before + time.monotonic() - start
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")  # written whole, then renamed: a kill leaves the old file
+        tmp.write_text(json.dumps({"seconds": round(elapsed(), 1)}))
+        tmp.replace(path)
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            save()
+
+    done = threading.Event()
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield elapsed
+    finally:
+        done.set()
+        ticker.join()
+        save()
 
 
 def demos_path(cfg: DictConfig, run_dir: Path) -> Path:

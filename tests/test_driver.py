@@ -147,6 +147,8 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
     assert (it1 / "critic/manifest.json").is_file() and (it1 / "critic/prm/manifest.json").is_file()
     assert not (it1 / "dpo/manifest.json").exists()
     assert len((it1 / "dpo/metrics.jsonl").read_text().splitlines()) >= 2
+    crashed_dpo_s = json.loads((it1 / "dpo/stage_time.json").read_text())["seconds"]
+    assert crashed_dpo_s > 0
     rollouts = sorted(p.stat().st_mtime_ns for p in (it1 / "critic/rollouts").glob("*.parquet"))
     prm_mtime = (it1 / "critic/prm/model.safetensors").stat().st_mtime_ns
 
@@ -158,6 +160,8 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
     assert (it1 / "critic/prm/model.safetensors").stat().st_mtime_ns == prm_mtime  # not trained again
     dpo = [json.loads(line)["step"] for line in (it1 / "dpo/metrics.jsonl").read_text().splitlines()]
     assert dpo == [1, 2, 3, 4]
+    # the stage's wall time counts the crashed run too
+    assert json.loads((it1 / "dpo/manifest.json").read_text())["wall_time_s"] > crashed_dpo_s
 
     run_driver(*args)
     summary = json.loads((run_dir / "summary.json").read_text())
