@@ -51,8 +51,8 @@ from policy_server import SamplingParams, resolve_model, start_policy_servers  #
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
-from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, playing_time,  # noqa: E402
-                             read_steps, run_episodes, start_rollout_workers, summarize)
+from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, read_steps,  # noqa: E402
+                             run_episodes, start_rollout_workers, summarize)
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -149,8 +149,12 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
     prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
     workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
+    episodes_dir.mkdir(parents=True, exist_ok=True)
+    # The time spent playing, summed over every run that worked on these episodes; the leading
+    # underscore keeps it out of the folder as a Parquet dataset (Arrow and Ray Data skip such files).
     try:
-        run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
+        with stage_clock(episodes_dir / "_playing_time.json") as playing_time:
+            run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
     finally:  # free their CPUs for the next stage
         for worker in workers:
             ray.kill(worker)
@@ -160,7 +164,7 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
     report = summarize(steps)
     report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(episodes_dir), 1),
+                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(), 1),
                   best_of_n=cfg.policy.best_of_n if prm else None, prm=cfg.prm_service.model if prm else None)
     return steps, report
 
@@ -227,8 +231,9 @@ def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
 
 @contextmanager
 def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], float]]:
-    """Time a resumable stage across runs: the seconds so far live in `path`, rewritten every
-    `every_s` (a run killed midway loses at most that) and at the end. Yields the total."""
+    """Time resumable work (a stage, a set of episodes) across runs: the seconds so far live in
+    `path`, rewritten every `every_s` (a run killed midway loses at most that) and at the end.
+    Yields the total."""
     before = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
     start = time.monotonic()
 

@@ -1,7 +1,6 @@
 """Start rollout workers and stream episodes from them into Parquet shards."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -41,10 +40,7 @@ def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], 
 
     Each worker gets at most `envs_per_worker` episodes at a time and a new one as soon as
     one finishes, so fast and slow games balance across workers. Returns episodes played.
-    The time spent playing, summed over every run that worked on the folder, is kept in it
-    as episodes finish (`playing_time`), so a resumed stage reports its whole cost.
     """
-    spent_before, start = playing_time(episodes_dir), time.monotonic()
     todo = [t for t in tasks if not shard_path(episodes_dir, t.episode_id).exists()]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="ep", dynamic_ncols=True)
     pending: dict[ray.ObjectRef, int] = {}  # episode future -> worker index
@@ -64,9 +60,6 @@ def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], 
         worker = pending.pop(ready[0])
         steps: list[StepRecord] = ray.get(ready[0])
         write_episode(episodes_dir, steps)
-        ledger = episodes_dir / f"{PLAYING_TIME}.tmp"  # written whole, then renamed: a kill leaves the old one
-        ledger.write_text(json.dumps({"seconds": spent_before + time.monotonic() - start}))
-        ledger.replace(episodes_dir / PLAYING_TIME)
         played += 1
         won += steps[-1].won
         last_progress = time.monotonic()
@@ -76,12 +69,3 @@ def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], 
             pending[workers[worker].play.remote(queue.pop())] = worker
     bar.close()
     return played
-
-
-PLAYING_TIME = "playing_time.json"
-
-
-def playing_time(episodes_dir: Path) -> float:
-    """Seconds that runs of `run_episodes` spent on this folder until its last episode."""
-    path = Path(episodes_dir) / PLAYING_TIME
-    return json.loads(path.read_text())["seconds"] if path.exists() else 0.0

@@ -4,7 +4,7 @@ from collections import defaultdict
 import pytest
 
 from policy_server import start_policy_servers
-from rollout_workers import EpisodeTask, playing_time, read_steps, run_episodes, start_rollout_workers
+from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
 from rollout_workers.records import SCHEMA
 from tests.conftest import small_cfg
 
@@ -35,11 +35,8 @@ def test_two_workers_llm_rollout(ray_local, tiny_model, ood_games, tmp_path):
     workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
     tasks = [EpisodeTask(g, e, seed=100 * i + e) for i, g in enumerate(ood_games[:3]) for e in range(2)]
     assert run_episodes(workers, 2, tasks[:4], tmp_path / "episodes") == 4
-    first_run = playing_time(tmp_path / "episodes")
-    assert first_run > 0
-    # a second run over the same folder plays only what is missing, and adds its time
+    # a second run over the same folder plays only what is missing
     assert run_episodes(workers, 2, tasks, tmp_path / "episodes") == 2
-    assert playing_time(tmp_path / "episodes") > first_run
     episodes = check_episodes(read_steps(tmp_path / "episodes"), tasks)
     rows = [r for ep in episodes.values() for r in ep]
     assert {r["worker_id"] for r in rows} == {0, 1}  # both workers played
