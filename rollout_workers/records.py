@@ -21,7 +21,7 @@ the episodes in flight and a re-run skips the shards that exist.
 | policy_version       | weights version that wrote the response; -1 for expert and random  |
 | worker_id            | the rollout worker that played the episode                         |
 | candidates           | distinct actions the PRM chose among (Best-of-N); 1 without a PRM  |
-| prm_score            | the PRM's Q of the played response; null without a PRM             |
+| prm_score            | the PRM's Q of the played response; null without a PRM or a choice |
 
 Shards written before a column existed read it as null.
 """

@@ -112,11 +112,14 @@ class RolloutWorker:
 
     async def _best_of_n(self, prompt: str, responses: list[str], policy_version: int) -> Action:
         """The PRM's argmax among the samples, one per distinct command (the first sample that
-        sends it); invalid samples compete too: the PRM has seen such actions fail."""
+        sends it); invalid samples compete too: the PRM has seen such actions fail. When every
+        sample sends the same command there is nothing to choose and the PRM is not asked."""
         by_command: dict[str, str] = {}
         for response in responses:
             by_command.setdefault(command_to_send(response), response)
         candidates = list(by_command.values())
+        if len(candidates) == 1:
+            return Action(candidates[0], policy_version)
         scored = await self.prm.score(prompt, candidates)
         best = max(range(len(candidates)), key=lambda i: scored.scores[i])  # the first of equal scores
         return Action(candidates[best], policy_version, len(candidates), scored.scores[best])

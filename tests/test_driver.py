@@ -117,7 +117,7 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
         report = json.loads((critic / f"bon/bon_{n}.json").read_text())
         assert report["best_of_n"] == n and report["prm"] == str(critic / "prm")
         steps = pq.read_table(critic / f"bon/bon_{n}").to_pylist()
-        assert all(s["prm_score"] is not None and 1 <= s["candidates"] <= n for s in steps)
+        assert all(1 <= s["candidates"] <= n and (s["prm_score"] is None) == (s["candidates"] == 1) for s in steps)
     first = proc.stdout + proc.stderr
     assert "stage 2: PRM" in first and "llm on train" in first and "absolute examples" in first
     # Re-running redoes nothing: no rollouts, no training (the PRM folder stays as it was).

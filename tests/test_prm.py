@@ -191,6 +191,12 @@ def test_best_of_n_copes_when_every_sample_is_invalid():
     assert action.response == "fly away" and action.candidates == 3
 
 
+def test_best_of_n_does_not_ask_the_prm_when_every_sample_sends_the_same_command():
+    action, asked = best_of_n(["ACTION: look", "REASON: see.\nACTION: look", "ACTION: look"], {})
+    assert asked == [] and action.response == "ACTION: look"
+    assert action.candidates == 1 and action.prm_score is None and action.policy_version == 5
+
+
 def test_best_of_n_rollout_with_the_prm_service(ray_local, tiny_model, tiny_prm, ood_games, tmp_path):
     from policy_server import start_policy_servers
     from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
@@ -210,5 +216,7 @@ def test_best_of_n_rollout_with_the_prm_service(ray_local, tiny_model, tiny_prm,
         policy.shutdown()
         prm.shutdown()
     steps = read_steps(tmp_path).to_pylist()
-    assert len(steps) == 6 and all(1 <= s["candidates"] <= 4 and s["prm_score"] is not None for s in steps)
-    assert stats["requests"] == 6 and stats["pairs"] == sum(s["candidates"] for s in steps)
+    assert len(steps) == 6 and all(1 <= s["candidates"] <= 4 for s in steps)
+    scored = [s for s in steps if s["candidates"] > 1]  # one distinct command: nothing to score
+    assert all((s["prm_score"] is None) == (s["candidates"] == 1) for s in steps)
+    assert stats["requests"] == len(scored) and stats["pairs"] == sum(s["candidates"] for s in scored)
