@@ -21,7 +21,8 @@ from prm_service.scorer import PRMScorer, ScoreRequest
 
 @dataclass
 class ScoreResult:
-    scores: list[float]  # Q(s, a) of each response, in order
+    # Q(s, a) of each response, in order: the head's logit (sigmoid(Q) estimates the rescaled target)
+    scores: list[float]
     prm_version: int
 
 

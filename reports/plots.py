@@ -74,7 +74,7 @@ def plot_monitor(records: list[dict], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(versions, [r["prm_mean_score"] for r in records], marker="o", color="tab:blue")
     ax.set(xlabel="policy version", title=title)
-    ax.set_ylabel("PRM mean score, held-out states", color="tab:blue")
+    ax.set_ylabel("PRM mean Q (logit), held-out states", color="tab:blue")
     twin = ax.twinx()
     twin.plot(versions, [100 * r["success_rate"] for r in records], marker="s", color="tab:red")
     twin.set_ylabel("success rate (%)", color="tab:red")
