@@ -21,7 +21,7 @@ def expert_states(cfg, num_games: int) -> list:
     from envs import AlfworldEnv, list_games, resolve_data_root
 
     games = list_games("eval_out_of_distribution", resolve_data_root(cfg.data.archive))[:num_games]
-    env, states = AlfworldEnv(max_steps=cfg.env.max_steps), []
+    env, states = AlfworldEnv(max_steps=cfg.env.max_steps, with_expert=True), []
     for game in games:
         obs = env.reset(game)
         state = AgentState(env.task, obs.text, obs.admissible_commands)

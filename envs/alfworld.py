@@ -22,10 +22,14 @@ class Observation:
 
 
 class AlfworldEnv:
-    """Plays one game at a time; `reset(game)` switches games."""
+    """Plays one game at a time; `reset(game)` switches games. `with_expert` runs ALFWorld's
+    handcoded expert beside the game (for `expert_action`): it plans after every step, and
+    raises on some states a policy reaches (an empty `random.choice`), so only the expert
+    agent turns it on."""
 
-    def __init__(self, max_steps: int = 50):
+    def __init__(self, max_steps: int = 50, with_expert: bool = False):
         self.max_steps = max_steps
+        self.with_expert = with_expert
         self.task = ""
         self.steps = 0
         self._env = None
@@ -37,8 +41,11 @@ class AlfworldEnv:
 
         AlfredDemangler, AlfredExpert, AlfredInfos = _alfworld_wrappers()
         self.close()  # a game's planner state cannot be reloaded in place: one env per game
-        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
-        wrappers = [AlfredDemangler(shuffle=False), AlfredInfos, AlfredExpert(expert_type="handcoded")]
+        extras, wrappers = ["gamefile"], [AlfredDemangler(shuffle=False), AlfredInfos]
+        if self.with_expert:
+            extras.append("expert_plan")
+            wrappers.append(AlfredExpert(expert_type="handcoded"))
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=extras)
         self._env = textworld.start(game.path, infos, wrappers=wrappers)
         self._state = self._env.reset()
         self.steps = 0
@@ -62,6 +69,8 @@ class AlfworldEnv:
 
     def expert_action(self) -> str:
         """The handcoded expert's next command from the current state."""
+        if not self.with_expert:
+            raise RuntimeError("expert_action() needs AlfworldEnv(with_expert=True)")
         return self._state["extra.expert_plan"][0]
 
     def _commands(self) -> list[str]:

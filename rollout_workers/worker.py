@@ -61,7 +61,7 @@ class RolloutWorker:
         self.policy = policy
         self.sampling = sampling
         self.prm = prm
-        self._free_envs = [AlfworldEnv(max_steps=max_steps) for _ in range(num_envs)]
+        self._free_envs = [AlfworldEnv(max_steps, with_expert=agent == "expert") for _ in range(num_envs)]
 
     async def play(self, task: EpisodeTask) -> list[StepRecord]:
         """Play one episode to its end and return its step records."""

@@ -33,7 +33,7 @@ def test_unknown_split_is_a_clear_error(data_root):
 
 
 def test_expert_wins_a_real_game(ood_games):
-    env = AlfworldEnv(max_steps=50)
+    env = AlfworldEnv(max_steps=50, with_expert=True)
     obs = env.reset(ood_games[0])
     assert env.task.startswith("examine the alarmclock")
     assert "go to desk 1" in obs.admissible_commands and "help" not in obs.admissible_commands
@@ -50,6 +50,8 @@ def test_expert_wins_a_real_game(ood_games):
 def test_step_limit_and_invalid_commands(ood_games):
     env = AlfworldEnv(max_steps=3)
     env.reset(ood_games[1])
+    with pytest.raises(RuntimeError, match="with_expert=True"):  # the expert is not running
+        env.expert_action()
     first = env.step("fly to the moon")
     assert first.text == "Nothing happens." and not first.done
     assert not env.step("look").done

@@ -19,7 +19,7 @@ from tests.conftest import small_cfg
 def demos(tiny_model, ood_games, tmp_path_factory):
     """The expert's first 2 steps in 2 real games, as a demos.parquet of prompts and responses."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    env, rows = AlfworldEnv(max_steps=10), {"prompt": [], "response": []}
+    env, rows = AlfworldEnv(max_steps=10, with_expert=True), {"prompt": [], "response": []}
     for game in ood_games[:2]:
         obs = env.reset(game)
         state = AgentState(env.task, obs.text, obs.admissible_commands)
