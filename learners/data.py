@@ -62,3 +62,31 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_examples))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order
+
+
+def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the tokens that follow each kept position, [rows, kept], and the
+    mask of those that are response tokens (labels != IGNORE). The model computes logits only
+    at the positions that predict a response token (in any row): over a whole prompt,
+    [rows, length, vocabulary] logits would take most of the memory, and the LM head over
+    ~500 prompt positions a fifth of the compute."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits at t predict the token at t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits.float()
+    targets = labels[:, keep + 1]
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return token_logprobs, targets != IGNORE
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the log-probabilities of each row's response tokens (DPO's sequence scores)."""
+    token_logprobs, mask = response_token_logprobs(model, batch)
+    return (token_logprobs * mask).sum(dim=1)
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood over all the batch's response tokens: the SFT loss, as a
+    causal LM computes it from `labels`, without the logits of prompt positions."""
+    token_logprobs, mask = response_token_logprobs(model, batch)
+    return -(token_logprobs * mask).sum() / mask.sum()

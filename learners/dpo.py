@@ -24,23 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agent import steer_prompt
-from learners.data import IGNORE, SFTExample, collate, tokenize
+from learners.data import SFTExample, collate, response_logprobs, tokenize
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
 from policy_server import SamplingParams
-
-
-def response_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the log-probabilities of each row's response tokens (labels != IGNORE). The
-    model computes logits only at the positions that predict a response token (in any row):
-    over a whole prompt, [rows, length, vocabulary] logits would take most of the memory."""
-    labels = batch["labels"]
-    keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits at t predict the token at t + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits.float()
-    targets = labels[:, keep + 1]
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
-    return (token_logprobs * (targets != IGNORE)).sum(dim=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from learners.data import collate, examples_from_steps, tokenize
+from learners.data import collate, examples_from_steps, response_nll, tokenize
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
 
@@ -50,7 +50,7 @@ def sft_recipe(config: dict) -> None:
 
     def micro_loss(micro: list) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-        loss = engine(**inputs).loss  # mean over the micro-batch's response tokens
+        loss = response_nll(engine, inputs)  # mean over the micro-batch's response tokens
         return loss, {"loss": loss.item(), "tokens": inputs["attention_mask"].sum().item()}
 
     train_steps(engine, optimizer, worker_share(examples, sft["batch_size"], config["seed"]), micro_loss, sft,

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners import IGNORE, SFTExample, collate, tokenize
-from learners.dpo import dpo_loss, prefer, response_logprobs
+from learners.data import response_logprobs
+from learners.dpo import dpo_loss, prefer
 
 
 def test_dpo_loss_and_gradient_by_hand():

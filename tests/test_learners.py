@@ -6,11 +6,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent import AgentState, format_response, render_prompt
 from envs import AlfworldEnv
-from learners import IGNORE, SFTExample, tokenize, train_sft
+from learners import IGNORE, SFTExample, collate, tokenize, train_sft
+from learners.data import response_nll
 from policy_server import SamplingParams, start_policy_servers
 from tests.conftest import small_cfg
 
@@ -55,6 +57,25 @@ def test_loss_mask_covers_exactly_the_response_tokens(tiny_model):
     assert example.labels[:n_prompt] == [IGNORE] * n_prompt
     assert example.labels[n_prompt:] == example.input_ids[n_prompt:]  # every response token, no other
     assert tokenizer.decode(example.input_ids[n_prompt:]) == "ACTION: look<|im_end|>"
+
+
+def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
+    # Prompts of different lengths, so the rows' response positions differ.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompts = ["<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nYour task is to: put a clean mug in the coffeemachine.<|im_end|>\n"
+               "<|im_start|>assistant\n"]
+    examples = [tokenize(tokenizer, SFTExample(p, r)) for p, r in zip(prompts, ("ACTION: look", "ACTION: go to shelf 1"))]
+    batch = collate(examples, tokenizer.pad_token_id)
+    ours = response_nll(model, batch)
+    theirs = model(**batch).loss
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    ours.backward()
+    ours_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    theirs.backward()
+    assert torch.allclose(ours_grad, model.model.embed_tokens.weight.grad, atol=1e-6)
 
 
 def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(ray_local, tiny_model, demos,
