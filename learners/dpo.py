@@ -130,8 +130,8 @@ def dpo_recipe(config: dict) -> None:
     reference = AutoModelForCausalLM.from_pretrained(config["init_model"], **load).to(device).eval()
     reference.requires_grad_(False)
     engine, optimizer = build_engine(model, dpo, learner, total_steps)
-    sampler = PairSampler(policy, config["prm"], worker_share(states, dpo["batch_size"], config["seed"]), dpo,
-                          config["seed"], total_steps)
+    share = worker_share(states, dpo["batch_size"], config["seed"], length=len)  # a prompt's characters
+    sampler = PairSampler(policy, config["prm"], share, dpo, config["seed"], total_steps)
     # A micro-batch of ties still runs forward and backward (every rank takes part in each
     # step), on this stand-in pair with its loss multiplied by 0.
     stand_in = PreferencePair(states[0], "", "", 0.0, 0.0, 0)

@@ -187,8 +187,9 @@ def inverse_prm_recipe(config: dict) -> None:
         return loss, {"loss": loss.item(), "accuracy": ((r > 0).float() == label).float().mean().item(),
                       "tokens": tokens}
 
-    train_steps(engine, optimizer, worker_share(examples, prm["batch_size"], config["seed"]), micro_loss, prm,
-                learner, total_steps, out_dir, "prm")
+    share = worker_share(examples, prm["batch_size"], config["seed"],
+                         length=lambda e: max(len(e.ids), len(e.next_ids or ())))
+    train_steps(engine, optimizer, share, micro_loss, prm, learner, total_steps, out_dir, "prm")
 
     # Validation on the held-out games: how well r separates D+ from D-.
     engine.module.eval()

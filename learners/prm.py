@@ -43,6 +43,13 @@ class PairExample:
     rejected_ids: list[int]
 
 
+def padded_length(example: ScoredExample | PairExample) -> int:
+    """The length a micro-batch pads the example's sequences to."""
+    if isinstance(example, ScoredExample):
+        return len(example.input_ids)
+    return max(len(example.chosen_ids), len(example.rejected_ids))
+
+
 def train_prm(cfg, dataset_dir: Path, init_model: str, out_dir: Path) -> dict:
     """Train a PRM from `init_model` (a policy or PRM folder) on stage 1's data set."""
     run_recipe(prm_recipe, cfg, "prm", out_dir, dataset_dir=str(dataset_dir.resolve()), init_model=init_model)
@@ -104,8 +111,8 @@ def prm_recipe(config: dict) -> None:
         loss = -F.logsigmoid(margin).mean()
         return loss, {"loss": loss.item(), "pair_accuracy": (margin > 0).float().mean().item(), "tokens": tokens}
 
-    train_steps(engine, optimizer, worker_share(examples, prm["batch_size"], config["seed"]), micro_loss, prm,
-                learner, total_steps, out_dir, "prm")
+    share = worker_share(examples, prm["batch_size"], config["seed"], length=padded_length)
+    train_steps(engine, optimizer, share, micro_loss, prm, learner, total_steps, out_dir, "prm")
 
     # Validation on the held-out games: every rank scores a share, rank 0 reports.
     engine.module.eval()

@@ -53,8 +53,8 @@ def sft_recipe(config: dict) -> None:
         loss = response_nll(engine, inputs)  # mean over the micro-batch's response tokens
         return loss, {"loss": loss.item(), "tokens": inputs["attention_mask"].sum().item()}
 
-    train_steps(engine, optimizer, worker_share(examples, sft["batch_size"], config["seed"]), micro_loss, sft,
-                learner, total_steps, out_dir, "sft")
+    share = worker_share(examples, sft["batch_size"], config["seed"], length=lambda e: len(e.input_ids))
+    train_steps(engine, optimizer, share, micro_loss, sft, learner, total_steps, out_dir, "sft")
     weights = engine.export_state_dict()  # all ranks take part; the full weights land on rank 0
     if dist.get_rank() == 0:
         export_hf(engine.module, weights, tokenizer, out_dir / "policy")

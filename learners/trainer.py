@@ -5,8 +5,8 @@ up torch.distributed (gloo on CPU, NCCL on GPU) before it starts. It builds its 
 and model, then hands `train_steps` a loss for a micro-batch of examples:
 
     engine, optimizer = build_engine(model, train, learner, total_steps)
-    train_steps(engine, optimizer, worker_share(examples, train["batch_size"], seed), micro_loss, train, learner,
-                total_steps, out_dir, "sft")
+    train_steps(engine, optimizer, worker_share(examples, train["batch_size"], seed, length), micro_loss, train,
+                learner, total_steps, out_dir, "sft")
 
 `run_recipe` starts the job on `learner.num_workers` workers. Checkpoints go through
 `ray.train.report`: every rank writes its shard into a local folder and Ray merges them in
@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import ray.train
 import torch
@@ -84,10 +84,13 @@ def build_engine(model: torch.nn.Module, train: dict, learner: dict, total_steps
     return engine, optimizer
 
 
-def worker_share(examples: list, batch_size: int, seed: int) -> Callable[[int], list]:
-    """This worker's examples of each step: its slice of `step_batch`."""
+def worker_share(examples: list, batch_size: int, seed: int, length: Callable[[Any], int]) -> Callable[[int], list]:
+    """This worker's examples of each step: its share of `step_batch`, dealt in order of
+    `length` (an example's padded length, or a proxy for it). So each micro-batch holds
+    examples of about the same length (little padding), and the ranks' i-th micro-batches
+    cost about the same: they meet at every gradient sync (ZeRO-2 syncs on each) together."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    return lambda step: step_batch(examples, step, batch_size, seed)[rank::world]
+    return lambda step: sorted(step_batch(examples, step, batch_size, seed), key=length)[rank::world]
 
 
 def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for_step: Callable[[int], list],

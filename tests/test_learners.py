@@ -78,6 +78,26 @@ def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
     assert torch.allclose(ours_grad, model.model.embed_tokens.weight.grad, atol=1e-6)
 
 
+def test_worker_shares_split_each_step_by_length_and_lose_nothing(monkeypatch):
+    import torch.distributed as dist
+
+    from learners.trainer import step_batch, worker_share
+
+    examples = [" " * n for n in (700, 250, 512, 300, 810, 400, 260, 640, 333, 590, 475, 720)]
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        shares.append(worker_share(examples, 8, seed=0, length=len))
+    for step in (1, 2, 3):  # crosses an epoch boundary
+        mine, theirs = shares[0](step), shares[1](step)
+        assert sorted(mine + theirs) == sorted(step_batch(examples, step, 8, 0))  # the step's examples, once each
+        # Micro-batches of 2: the ranks' i-th micro-batches are neighbours in length.
+        ordered = sorted(mine + theirs, key=len)
+        for i in range(0, 4, 2):
+            assert {len(x) for x in mine[i:i + 2] + theirs[i:i + 2]} == {len(x) for x in ordered[2 * i:2 * i + 4]}
+
+
 def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(ray_local, tiny_model, demos,
                                                                                tmp_path):
     cfg = sft_cfg(**{"learner.backend": "deepspeed", "learner.zero_stage": 2})
