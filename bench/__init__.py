@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+from pathlib import Path
 
 PROMPT_STEPS = (0, 3, 6, 9)  # the steps of each expert episode whose states the benches use
 
@@ -11,7 +12,16 @@ PROMPT_STEPS = (0, 3, 6, 9)  # the steps of each expert episode whose states the
 def machine(torch_threads: int) -> dict:
     """What the figures were measured on."""
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch_threads, "python": platform.python_version()}
+            "cpu_model": cpu_model(), "torch_threads": torch_threads, "python": platform.python_version()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux), so figures from different machines are not compared blind."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def expert_states(cfg, num_games: int) -> list:

@@ -1,9 +1,10 @@
-"""SFT throughput: DeepSpeed (ZeRO) against plain DDP, same model, same demonstrations.
+"""SFT throughput: DeepSpeed (ZeRO stages) against plain DDP, same model, same demonstrations.
 
     python -m bench.sft_throughput [--games 8] [--epochs 1] [--workers 2]
+                                   [--learners deepspeed-zero2 ddp deepspeed-zero1 ...]
 
 The expert's demonstrations on the first `--games` train games (collected once into
-bench/results/.sft_demos/) train the embedded SmolLM2-135M with each learner backend, as
+bench/results/.sft_demos/) train the embedded SmolLM2-135M with each learner setup, as
 Ray Train jobs of `--workers` CPU workers (`learner.*` and `sft.*` at their defaults
 otherwise). For each: wall time of the whole job (start-up, steps, final checkpoint and
 export), the steps' mean training throughput in tokens/s, first and last loss. Printed and
@@ -32,12 +33,16 @@ from learners import train_sft  # noqa: E402
 from policy_server import resolve_model  # noqa: E402
 
 
+LEARNERS = {f"deepspeed-zero{stage}": ["learner.backend=deepspeed", f"learner.zero_stage={stage}"]
+            for stage in (0, 1, 2, 3)} | {"ddp": ["learner.backend=ddp"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--games", type=int, default=8)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backends", nargs="+", default=["deepspeed", "ddp"], choices=["deepspeed", "ddp"])
+    parser.add_argument("--learners", nargs="+", default=["deepspeed-zero2", "ddp"], choices=list(LEARNERS))
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/sft_throughput.json"))
     args = parser.parse_args()
 
@@ -51,23 +56,22 @@ def main() -> None:
         collect_demos(load_config(["mode=demos", *base]), demos_run)
     results = {"machine": machine(torch_threads=1), "model": "smollm2-135m-instruct", "games": args.games,
                "workers": args.workers, "runs": []}
-    for backend in args.backends:
-        cfg = load_config(["mode=sft", *base, f"learner.backend={backend}"])
+    for name in args.learners:
+        cfg = load_config(["mode=sft", *base, *LEARNERS[name]])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             train_sft(cfg, demos_run / "demos.parquet", resolve_model(cfg.policy.model), Path(tmp))
             wall = time.perf_counter() - start
             steps = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.mean(s["tokens_per_s"] for s in steps[1:] or steps)  # the first step warms up
-        results["runs"].append({"backend": backend, "zero_stage": cfg.learner.zero_stage if backend == "deepspeed"
-                                else None, "steps": len(steps), "batch_size": cfg.sft.batch_size,
+        results["runs"].append({"learner": name, "steps": len(steps), "batch_size": cfg.sft.batch_size,
                                 "wall_s": round(wall, 1), "tokens_per_s": round(rate, 1),
                                 "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4)})
         print(results["runs"][-1], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # written as each backend completes
-    print(f"\n{'backend':<10} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} {'loss last':>10}")
+        Path(args.out).write_text(json.dumps(results, indent=2))  # written as each learner completes
+    print(f"\n{'learner':<16} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} {'loss last':>10}")
     for r in results["runs"]:
-        print(f"{r['backend']:<10} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['learner']:<16} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
               f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f}")
     print(f"saved {args.out}")
     ray.shutdown()
