@@ -16,6 +16,9 @@ SYSTEM_PROMPT = (
     "Choose the command from the admissible commands. Answer in the format:\n"
     "REASON: <one short sentence>\nACTION: <command>"
 )
+# Chat templates that print a date (Llama 3.2's "Today Date:") get this one, so a state renders
+# the same on every day: stored demonstrations, new rollouts and merged Q-targets agree.
+CHAT_DATE = "26 Jul 2024"
 _ACTION_RE = re.compile(r"^\s*ACTION\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -65,7 +68,7 @@ def render_messages(state: AgentState, history_turns: int) -> list[dict[str, str
 def render_prompt(tokenizer, state: AgentState, history_turns: int) -> str:
     """The full prompt text, through the model's chat template, ready for generation."""
     return tokenizer.apply_chat_template(
-        render_messages(state, history_turns), tokenize=False, add_generation_prompt=True
+        render_messages(state, history_turns), tokenize=False, add_generation_prompt=True, date_string=CHAT_DATE
     )
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agent import steer_prompt
+from agent import command_to_send, steer_prompt
 from learners.data import SFTExample, collate, response_logprobs, tokenize
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
@@ -40,6 +40,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                   "reward_accuracy": (margin > 0).float().mean().item()}
 
 
+def kept_pair_weight(kept: int, step_pairs: float, micro_batches: int) -> float:
+    """The factor on the mean loss of a micro-batch's `kept` pairs that makes the engines'
+    average over the step's `micro_batches` micro-batches (all ranks) the mean over its
+    `step_pairs` kept pairs: ties then neither shrink the step nor weigh its other pairs."""
+    return kept * micro_batches / step_pairs
+
+
 @dataclass
 class PreferencePair:
     prompt: str
@@ -51,9 +58,11 @@ class PreferencePair:
 
 
 def prefer(prompt: str, responses: list[str], scores: list[float], policy_version: int) -> PreferencePair | None:
-    """The PRM's preferred and dispreferred response of two; None on a tie (same text or score)."""
+    """The PRM's preferred and dispreferred response of two; None on a tie: the same score, or
+    the same command (the PRM learnt one Q per command at a state, so a gap between two
+    wordings of one command is noise, not a preference)."""
     (a, b), (sa, sb) = responses, scores
-    if a == b or sa == sb:
+    if command_to_send(a) == command_to_send(b) or sa == sb:
         return None
     if sa < sb:
         a, b, sa, sb = b, a, sb, sa
@@ -136,6 +145,7 @@ def dpo_recipe(config: dict) -> None:
     # step), on this stand-in pair with its loss multiplied by 0.
     stand_in = PreferencePair(states[0], "", "", 0.0, 0.0, 0)
     served = {"version": config["first_version"], "started": False}  # the latest weights on the policy server
+    this_step = {"pairs": 0.0, "micro_batches": 0}  # pairs kept on all ranks, micro-batches of all ranks
 
     def push(step: int) -> None:
         """The weights after `step` steps become version first + ceil(step / push_every)."""
@@ -148,7 +158,11 @@ def dpo_recipe(config: dict) -> None:
         if not served["started"] and step > 1:  # resumed from a checkpoint: serve its weights first
             push(step - 1)
         served["started"] = True
-        return sampler.pairs(step)
+        pairs = sampler.pairs(step)
+        kept = torch.tensor([float(sum(p is not None for p in pairs))], dtype=torch.float64, device=device)
+        dist.all_reduce(kept)
+        this_step.update(pairs=kept.item(), micro_batches=world * math.ceil(len(pairs) / dpo["micro_batch_size"]))
+        return pairs
 
     def micro_loss(micro: list[PreferencePair | None]) -> tuple[torch.Tensor, dict[str, float]]:
         kept = [p for p in micro if p is not None]
@@ -159,11 +173,14 @@ def dpo_recipe(config: dict) -> None:
         with torch.no_grad():
             ref = response_logprobs(reference, inputs)
         loss, stats = dpo_loss(logprobs[0::2], logprobs[1::2], ref[0::2], ref[1::2], dpo["beta"])
-        stats["tie_rate"] = 1 - len(kept) / len(micro)
         if not kept:  # the same keys in the same order on every rank: they are all-reduced
-            return loss * 0.0, {**{k: 0.0 for k in stats}, "tie_rate": 1.0, "policy_lag": 0.0, "tokens": 0.0}
+            return loss * 0.0, {**{k: 0.0 for k in stats}, "policy_lag": 0.0, "tie_rate": 1.0, "tokens": 0.0}
+        weight = kept_pair_weight(len(kept), this_step["pairs"], this_step["micro_batches"])
         lag = [served["version"] - p.policy_version for p in kept]  # versions behind the latest push
-        return loss, {**stats, "policy_lag": sum(lag) / len(lag), "tokens": inputs["attention_mask"].sum().item()}
+        stats["policy_lag"] = sum(lag) / len(lag)
+        logged = {k: v * weight for k, v in stats.items()}  # averaged by train_steps: means over kept pairs
+        return loss * weight, {**logged, "tie_rate": 1 - len(kept) / len(micro),
+                               "tokens": inputs["attention_mask"].sum().item()}
 
     def after_step(step: int) -> None:
         if step % dpo["push_every"] == 0 or step == total_steps:

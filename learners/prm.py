@@ -127,7 +127,8 @@ def prm_recipe(config: dict) -> None:
     weights = engine.export_state_dict()
     if rank == 0:
         report = validation_report(val, q, np.array([q_of[(p["prompt"], p["chosen"])] for p in val_pairs]),
-                                   np.array([q_of[(p["prompt"], p["rejected"])] for p in val_pairs]))
+                                   np.array([q_of[(p["prompt"], p["rejected"])] for p in val_pairs]),
+                                   calibrated=prm["loss"] == "absolute")
         report.update(loss=prm["loss"], train_examples=len(examples), train_dropped=dropped, steps=total_steps)
         (out_dir / "prm_report.json").write_text(json.dumps(report, indent=2))
         export_hf(engine.module, weights, tokenizer, out_dir / "prm")
@@ -171,17 +172,18 @@ def weighted_auc(scores: np.ndarray, positives: np.ndarray, negatives: np.ndarra
 
 
 def validation_report(val: list[dict], q: np.ndarray, q_chosen: np.ndarray, q_rejected: np.ndarray,
-                      bins: int = 10) -> dict:
+                      bins: int = 10, calibrated: bool = True) -> dict:
     """AUC of Q between actions of won and lost episodes (over visits), calibration of
     sigmoid(Q) against the MC targets (reliability bins, expected calibration error over
-    visits), accuracy on held-out pairs."""
+    visits; only when `calibrated`: the relative loss fixes Q up to a constant, so
+    sigmoid(Q) is no probability), accuracy on held-out pairs."""
     visits = np.array([r["visits"] for r in val], dtype=float)
     wins = np.array([r["wins"] for r in val], dtype=float)
     target = np.array([r["target"] for r in val], dtype=float)
     pred = 1 / (1 + np.exp(-q))
     reliability, ece = [], 0.0
     which = np.minimum((pred * bins).astype(int), bins - 1)
-    for b in range(bins):
+    for b in range(bins if calibrated else 0):
         sel = which == b
         if sel.any():
             w = visits[sel].sum()
@@ -193,8 +195,8 @@ def validation_report(val: list[dict], q: np.ndarray, q_chosen: np.ndarray, q_re
     return {
         "val_state_actions": len(val), "val_visits": int(visits.sum()), "val_pairs": len(q_chosen),
         "auc": weighted_auc(q, wins, visits - wins) if len(val) else None,
-        "expected_calibration_error": float(ece) if len(val) else None,
-        "mean_abs_error": float(np.average(np.abs(pred - target), weights=visits)) if len(val) else None,
+        "expected_calibration_error": float(ece) if len(val) and calibrated else None,
+        "mean_abs_error": float(np.average(np.abs(pred - target), weights=visits)) if len(val) and calibrated else None,
         "pair_accuracy": float((q_chosen > q_rejected).mean()) if len(q_chosen) else None,
         "reliability": reliability,
     }

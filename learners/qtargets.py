@@ -49,12 +49,14 @@ def split_games(game_ids: list[str], val_fraction: float, seed: int) -> set[str]
     return {g for g in game_ids if g.split("/")[0] in held_out}
 
 
-def episode_returns(length: int, won: bool, gamma: float, discount: str) -> list[float]:
+def episode_returns(steps: list[int], won: bool, gamma: float, discount: str) -> list[float]:
+    """The Monte Carlo return of each recorded step (the game's step numbers, in order: an
+    episode from the reset distribution starts past 0)."""
     r = 1.0 if won else -1.0
     if discount == "to_go":
-        return [gamma ** (length - 1 - t) * r for t in range(length)]
+        return [gamma ** (steps[-1] - t) * r for t in steps]
     if discount == "from_start":
-        return [gamma ** t * r for t in range(length)]
+        return [gamma ** t * r for t in steps]
     raise ValueError(f"unknown discount {discount!r}; one of {DISCOUNTS}")
 
 
@@ -69,7 +71,7 @@ def q_targets(steps: pa.Table, gamma: float, discount: str, val_games: set[str])
         rows = sorted(episodes[episode_id], key=lambda r: r["step"])
         won = any(r["won"] for r in rows)
         split = "val" if rows[0]["game_id"] in val_games else "train"
-        for row, ret in zip(rows, episode_returns(len(rows), won, gamma, discount)):
+        for row, ret in zip(rows, episode_returns([r["step"] for r in rows], won, gamma, discount)):
             entry = merged.setdefault((split, row["prompt"], row["action"]), {
                 "game_id": row["game_id"], "task_type": row["task_type"], "returns": [], "wins": 0,
                 "responses": defaultdict(int)})

@@ -46,11 +46,19 @@ def load_prm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: b
     return model, tokenizer
 
 
+def head_scores(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states, in float32 whatever the model's dtype: in bfloat16,
+    Q near 1 would move in steps of 1/128, and Best-of-N and DPO would meet false ties."""
+    head = model.score
+    bias = None if head.bias is None else head.bias.float()
+    return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias).squeeze(-1)
+
+
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Q of right-padded (prompt + response) rows: the head on each row's last real token."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
-    return model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1).float()
+    return head_scores(model, hidden[torch.arange(len(last), device=hidden.device), last])
 
 
 def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,4 +137,4 @@ class PRMScorer:
         lengths = resp_mask.sum(dim=1)
         last = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).clamp(min=0)]
         last = torch.where((lengths > 0)[:, None], last, prompt_last)
-        return self.model.score(last).squeeze(-1).float()
+        return head_scores(self.model, last)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners import IGNORE, SFTExample, collate, tokenize
 from learners.data import response_logprobs
-from learners.dpo import dpo_loss, prefer
+from learners.dpo import dpo_loss, kept_pair_weight, prefer
 
 
 def test_dpo_loss_and_gradient_by_hand():
@@ -46,6 +46,16 @@ def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
         "ACTION: go to shelf 1", "ACTION: look", 0.7, 3)
     assert prefer("s", ["ACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None  # the same response twice
     assert prefer("s", ["ACTION: look", "ACTION: go"], [0.5, 0.5], 0) is None
+    # Two wordings of one command: the PRM learnt one Q per command, so their gap is noise.
+    assert prefer("s", ["REASON: a.\nACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None
+
+
+def test_a_steps_dpo_loss_is_the_mean_over_its_kept_pairs_whatever_the_ties():
+    micro_batches = [[0.2, 0.4], [], [0.9], [0.5, None]]  # per-pair losses of 4 micro-batches; [] = all ties
+    kept = [[x for x in m if x is not None] for m in micro_batches]
+    pairs = sum(len(k) for k in kept)
+    weighted = [kept_pair_weight(len(k), pairs, len(micro_batches)) * (sum(k) / len(k)) for k in kept if k]
+    assert sum(weighted) / len(micro_batches) == pytest.approx((0.2 + 0.4 + 0.9 + 0.5) / 4)
 
 
 def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path):

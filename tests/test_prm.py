@@ -1,6 +1,7 @@
 """AgentPRM's critic: Q-targets, the PRM learner (both losses), the PRM service, Best-of-N."""
 import asyncio
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,12 @@ def test_q_targets_merge_discount_rescale_and_pair():
     assert rows[("s1x", "c")]["mc_return"] == pytest.approx(-g)
     from_start = {(r["prompt"], r["action"]): r for r in q_targets(steps, g, "from_start", set()).to_pylist()}
     assert from_start[("s1", "b")]["mc_return"] == pytest.approx(g)  # gamma^t r, t = 1
+    # An episode from the reset distribution starts at the game's step 3: t counts from the game's start.
+    reset = table([replace(s, step=s.step + 3) for s in episode("h", 0, ["r3", "r4"], ["a", "b"], won=True)])
+    assert [r["mc_return"] for r in q_targets(reset, g, "from_start", set()).sort_by("prompt").to_pylist()] == \
+        pytest.approx([g ** 3, g ** 4])
+    assert [r["mc_return"] for r in q_targets(reset, g, "to_go", set()).sort_by("prompt").to_pylist()] == \
+        pytest.approx([g, 1])
     # Pairs: only s0 has two actions; a (MC estimate 0.045) beats e (-1) by 1.045 on the [-1, 1] scale.
     pairs = preference_pairs(q_targets(steps, g, "to_go", set()), margin=1.04).to_pylist()
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("s0", "ACTION: a", "ACTION: e")]
@@ -99,8 +106,10 @@ def test_prm_learner_lowers_its_loss_and_ranks_held_out_actions(ray_local, tiny_
     assert np.mean([r["loss"] for r in records[-n:]]) < 0.5 * np.mean([r["loss"] for r in records[:n]])
     # Held-out games: the winning action scores above the losing one at every state.
     assert report["auc"] == 1.0 and report["pair_accuracy"] == 1.0 and report["val_pairs"] == 3
-    if loss == "absolute":  # sigmoid(Q) was fit to the targets (0 and 1 here); pairs only order actions
+    if loss == "absolute":  # sigmoid(Q) was fit to the targets (0 and 1 here)
         assert report["expected_calibration_error"] < 0.25
+    else:  # pairs fix Q only up to a constant: no calibration to report
+        assert report["expected_calibration_error"] is None and report["reliability"] == []
     # The exported folder is a Hugging Face sequence classifier that the service loads.
     scorer = PRMScorer(str(tmp_path / "prm"))
     val = [p for p in pq.read_table(toy_dataset / "pairs.parquet").to_pylist() if p["split"] == "val"]
@@ -111,6 +120,15 @@ def test_prm_learner_lowers_its_loss_and_ranks_held_out_actions(ray_local, tiny_
 REQUESTS = [ScoreRequest(PROMPT, ["ACTION: go to shelf 1", "ACTION: look", ""]),
             ScoreRequest(PROMPT + "You see a mug.", ["REASON: the mug is here.\nACTION: take mug 1"]),
             ScoreRequest(PROMPT, ["ACTION: examine desk 1"])]
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_a_bfloat16_prm_scores_with_a_float32_head(tiny_prm, share_prompt):
+    import torch
+
+    scores = np.concatenate(PRMScorer(tiny_prm, dtype="bfloat16", share_prompt=share_prompt).score(REQUESTS))
+    on_bf16_grid = torch.tensor(scores).to(torch.bfloat16).double().numpy() == scores
+    assert not on_bf16_grid.all()  # a bfloat16 head would round every Q to 8 bits of mantissa
 
 
 def test_shared_prompt_scores_equal_full_sequences_and_the_classifiers_own_forward(tiny_prm):

@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from agent import AgentState, Turn, command_to_send, format_response, parse_action, render_messages, render_prompt
+from agent import CHAT_DATE, AgentState, Turn, command_to_send, format_response, parse_action, render_messages, render_prompt
 from envs import AlfworldEnv
 
 
@@ -43,6 +43,15 @@ def test_render_keeps_recent_history_and_uses_chat_template(tiny_model):
     prompt = render_prompt(AutoTokenizer.from_pretrained(tiny_model), state, history_turns=2)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert user in prompt
+
+
+def test_a_chat_template_that_prints_todays_date_gets_a_fixed_one(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = (  # as Llama 3.2's: today's date unless the caller passes one
+        "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+        "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    prompt = render_prompt(tokenizer, AgentState("put a mug in the sink.", "You are in a room.", ["look"]), 0)
+    assert prompt.startswith(f"Today Date: {CHAT_DATE}\n")
 
 
 @pytest.mark.parametrize("response,sent", [
