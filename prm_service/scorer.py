@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from agent import encode_turn
-from policy_server.hf_engine import pick_device
+from policy_server.hf_engine import pick_device, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class PRMScorer:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32",
                  trust_remote_code: bool = False, share_prompt: bool = True):
         self.device = pick_device(device)
-        self.model, self.tokenizer = load_prm(model_path, getattr(torch, dtype), trust_remote_code)
+        self.model, self.tokenizer = load_prm(model_path, pick_dtype(dtype, self.device), trust_remote_code)
         self.model.to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id
         self.share_prompt, self.trust_remote_code = share_prompt, trust_remote_code

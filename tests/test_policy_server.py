@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_server import PolicyClient, SamplingParams, start_policy_servers
-from policy_server.hf_engine import HFEngine
+from policy_server.hf_engine import HFEngine, cpu_computes_bf16, pick_dtype
 from tests.conftest import small_cfg
 
 PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\n<|im_start|>assistant\n",
@@ -16,6 +16,17 @@ PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     return HFEngine(tiny_model, device="cpu", seed=0)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch):
+    assert cpu_computes_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert cpu_computes_bf16("flags : fpu avx2 amx_bf16 amx_tile")
+    assert not cpu_computes_bf16("flags : fpu avx2 avx512f avx512_vnni")
+    monkeypatch.setattr("policy_server.hf_engine.cpu_computes_bf16", lambda: False)
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr("policy_server.hf_engine.cpu_computes_bf16", lambda: True)
+    assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def test_greedy_matches_transformers_generate(engine, tiny_model):
@@ -82,7 +93,7 @@ def test_load_weights_changes_generations(tiny_model, tmp_path):
 
 
 def start_server(tiny_model, replicas=1, **overrides) -> PolicyClient:
-    cfg = small_cfg(**{"policy.device": "cpu", "policy.replicas": replicas, **overrides})
+    cfg = small_cfg(**{"policy.device": "cpu", "policy.dtype": "float32", "policy.replicas": replicas, **overrides})
     return start_policy_servers(cfg.policy, tiny_model, seed=0)
 
 

@@ -149,7 +149,8 @@ def test_shared_prompt_scores_equal_full_sequences_and_the_classifiers_own_forwa
 
 def test_service_batches_concurrent_requests_and_reloads_by_version(ray_local, tiny_prm, tiny_model, tmp_path):
     pairs = sum(len(r.responses) for r in REQUESTS) * 4
-    cfg = small_cfg(**{"prm_service.max_batch_size": pairs, "prm_service.max_wait_ms": 5000})
+    cfg = small_cfg(**{"prm_service.max_batch_size": pairs, "prm_service.max_wait_ms": 5000,
+                       "prm_service.dtype": "float32"})  # compared with a float32 scorer
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
     try:
         results = ray.get([prm.score(r.prompt, r.responses) for r in REQUESTS * 4])

@@ -21,6 +21,7 @@ from tests.test_rollout import check_episodes  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 GREEDY = SamplingParams(max_tokens=12)
+VLLM = {"policy.engine": "vllm", "policy.vllm.max_model_len": 1024, "policy.vllm.kv_cache_gb": 1}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def alfworld_prompts(tiny_model, ood_games):
 
 @pytest.fixture(scope="module")
 def policy(ray_local, tiny_model):
-    cfg = small_cfg(**{"policy.engine": "vllm", "policy.vllm.max_model_len": 1024, "policy.vllm.kv_cache_gb": 1})
+    cfg = small_cfg(**VLLM, **{"policy.dtype": "float32"})  # compared with transformers in float32
     client = start_policy_servers(cfg.policy, tiny_model, seed=0)
     client.wait_ready()
     yield client
@@ -95,6 +96,22 @@ def test_weight_update_gives_the_other_checkpoints_outputs(policy, other_model, 
     assert policy.versions() == [1] and after.policy_version == 1
     assert greedy_tokens(after) != greedy_tokens(before)
     assert greedy_tokens(after) == hf_greedy(other_model, alfworld_prompts)
+
+
+def test_a_bfloat16_engine_takes_a_float32_learners_weights(ray_local, tiny_model, other_model, alfworld_prompts):
+    """What DPO does on CPUs with bfloat16 hardware and on GPUs: the learner's float32 weights
+    pushed into a bfloat16 engine act as that checkpoint loaded in bfloat16."""
+    cfg = small_cfg(**VLLM, **{"policy.dtype": "bfloat16"})
+    pushed = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    before = ray.get(pushed.generate(alfworld_prompts, GREEDY), timeout=120)
+    pushed.load_weights(AutoModelForCausalLM.from_pretrained(other_model).state_dict(), version=1)
+    after = ray.get(pushed.generate(alfworld_prompts, GREEDY), timeout=120)
+    pushed.shutdown()
+    fresh = start_policy_servers(cfg.policy, other_model, seed=0)
+    loaded = ray.get(fresh.generate(alfworld_prompts, GREEDY), timeout=120)
+    fresh.shutdown()
+    assert greedy_tokens(after) != greedy_tokens(before)
+    assert greedy_tokens(after) == greedy_tokens(loaded)
 
 
 def test_vllms_weight_sync_client_drives_the_server(policy, tiny_model, alfworld_prompts):
