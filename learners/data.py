@@ -2,7 +2,8 @@
 
 The prompt is exactly what the policy server fed the model (chat template applied, ending
 with the assistant header) and is tokenized on its own, as the server does at inference;
-the response is followed by the end-of-turn token, so the model learns to stop.
+the response is followed by the end-of-turn token, so the model learns to stop (unless it
+was cut off at the sampling limit: DPO's samples are learnt as they were generated).
 Only response tokens count in the loss.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ IGNORE = -100  # label of tokens outside the loss
 class SFTExample:
     prompt: str
     response: str
+    ends: bool = True  # the response ended by itself, so its end-of-turn token is learnt (False: cut off at a limit)
 
 
 @dataclass
@@ -40,7 +42,8 @@ def examples_from_steps(steps: pa.Table) -> list[SFTExample]:
 
 
 def tokenize(tokenizer, example: SFTExample) -> TokenizedExample:
-    prompt, response = encode_turn(tokenizer, example.prompt, example.response + tokenizer.eos_token)
+    ending = tokenizer.eos_token if example.ends else ""
+    prompt, response = encode_turn(tokenizer, example.prompt, example.response + ending)
     return TokenizedExample(prompt + response, [IGNORE] * len(prompt) + response)
 
 

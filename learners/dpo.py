@@ -55,18 +55,21 @@ class PreferencePair:
     chosen_score: float
     rejected_score: float
     policy_version: int  # the weights that sampled both responses
+    chosen_ends: bool = True  # False: the response was cut off at dpo.max_new_tokens (no end-of-turn token)
+    rejected_ends: bool = True
 
 
-def prefer(prompt: str, responses: list[str], scores: list[float], policy_version: int) -> PreferencePair | None:
-    """The PRM's preferred and dispreferred response of two; None on a tie: the same score, or
-    the same command (the PRM learnt one Q per command at a state, so a gap between two
-    wordings of one command is noise, not a preference)."""
-    (a, b), (sa, sb) = responses, scores
+def prefer(prompt: str, responses: list[str], scores: list[float], policy_version: int,
+           ends: tuple[bool, bool] = (True, True)) -> PreferencePair | None:
+    """The PRM's preferred and dispreferred response of two (`ends`: whether each ended by
+    itself); None on a tie: the same score, or the same command (the PRM learnt one Q per
+    command at a state, so a gap between two wordings of one command is noise, not a preference)."""
+    (a, b), (sa, sb), (ea, eb) = responses, scores, ends
     if command_to_send(a) == command_to_send(b) or sa == sb:
         return None
     if sa < sb:
-        a, b, sa, sb = b, a, sb, sa
-    return PreferencePair(prompt, a, b, sa, sb, policy_version)
+        a, b, sa, sb, ea, eb = b, a, sb, sa, eb, ea
+    return PreferencePair(prompt, a, b, sa, sb, policy_version, ea, eb)
 
 
 def train_dpo(cfg, states: Path, init_model: str, policy, prm, out_dir: Path) -> Path:
@@ -99,7 +102,8 @@ class PairSampler:
         sampled = [(state, ray.get(ref)) for state, ref in self.in_flight.pop(step)]
         responses = [[g.text for g in result.generations[0]] for _, result in sampled]
         scored = ray.get([self.prm.score(state, r) for (state, _), r in zip(sampled, responses)])
-        return [prefer(state, r, s.scores, result.policy_version)
+        return [prefer(state, r, s.scores, result.policy_version,
+                       tuple(g.finish_reason != "length" for g in result.generations[0]))
                 for (state, result), r, s in zip(sampled, responses, scored)]
 
     def _sample(self, state: str, step: int):
@@ -166,8 +170,8 @@ def dpo_recipe(config: dict) -> None:
 
     def micro_loss(micro: list[PreferencePair | None]) -> tuple[torch.Tensor, dict[str, float]]:
         kept = [p for p in micro if p is not None]
-        examples = [tokenize(tokenizer, SFTExample(p.prompt, r)) for p in kept or [stand_in]
-                    for r in (p.chosen, p.rejected)]
+        examples = [tokenize(tokenizer, SFTExample(p.prompt, r, ends)) for p in kept or [stand_in]
+                    for r, ends in ((p.chosen, p.chosen_ends), (p.rejected, p.rejected_ends))]
         inputs = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
         logprobs = response_logprobs(engine, inputs)
         with torch.no_grad():

@@ -46,6 +46,9 @@ def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
         "ACTION: go to shelf 1", "ACTION: look", 0.7, 3)
     assert prefer("s", ["ACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None  # the same response twice
     assert prefer("s", ["ACTION: look", "ACTION: go"], [0.5, 0.5], 0) is None
+    # A response cut off at the sampling limit keeps that mark through the ordering.
+    cut = prefer("s", ["ACTION: look", "REASON: the desk is far and"], [0.1, 0.7], 0, ends=(True, False))
+    assert (cut.chosen, cut.chosen_ends, cut.rejected_ends) == ("REASON: the desk is far and", False, True)
     # Two wordings of one command: the PRM learnt one Q per command, so their gap is noise.
     assert prefer("s", ["REASON: a.\nACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None
 

@@ -57,6 +57,8 @@ def test_loss_mask_covers_exactly_the_response_tokens(tiny_model):
     assert example.labels[:n_prompt] == [IGNORE] * n_prompt
     assert example.labels[n_prompt:] == example.input_ids[n_prompt:]  # every response token, no other
     assert tokenizer.decode(example.input_ids[n_prompt:]) == "ACTION: look<|im_end|>"
+    cut = tokenize(tokenizer, SFTExample(prompt, "REASON: the desk is", ends=False))  # cut off: no end-of-turn
+    assert tokenizer.decode(cut.input_ids[n_prompt:]) == "REASON: the desk is"
 
 
 def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
