@@ -29,17 +29,20 @@ class GenerateResult:
 
 def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> InferenceEngine:
     """The configured engine (`policy.engine`); vLLM is imported only when asked for."""
+    from policy_server.hf_engine import pick_device, pick_dtype
+
+    device = pick_device(policy_cfg["device"] if engine == "hf" else "auto")  # vLLM: its build decides
+    dtype = str(pick_dtype(policy_cfg["dtype"], device)).removeprefix("torch.")
+    print(f"policy server: {engine} engine, {dtype} on {device.type}, {model_path}", flush=True)
     if engine == "vllm":
-        from policy_server.hf_engine import pick_device, pick_dtype
         from policy_server.vllm_engine import VLLMEngine
 
-        dtype = str(pick_dtype(policy_cfg["dtype"], pick_device("auto"))).removeprefix("torch.")
         return VLLMEngine(model_path, dtype=dtype, trust_remote_code=policy_cfg["trust_remote_code"],
                           seed=seed, served_model_name=policy_cfg["model"], **policy_cfg["vllm"])
     if engine == "hf":
         from policy_server.hf_engine import BatchingHFEngine, HFEngine
 
-        hf = HFEngine(model_path, device=policy_cfg["device"], dtype=policy_cfg["dtype"],
+        hf = HFEngine(model_path, device=policy_cfg["device"], dtype=dtype,
                       trust_remote_code=policy_cfg["trust_remote_code"], seed=seed)
         return BatchingHFEngine(hf, max_batch_size=policy_cfg["max_batch_size"],
                                 batch_wait_ms=policy_cfg["batch_wait_ms"])

@@ -34,6 +34,8 @@ class PRMServer:
         self.scorer = PRMScorer(model_path, device=prm_cfg["device"], dtype=prm_cfg["dtype"],
                                 trust_remote_code=prm_cfg["trust_remote_code"], share_prompt=prm_cfg["share_prompt"])
         self.version = version
+        print(f"PRM service: {str(self.scorer.model.dtype).removeprefix('torch.')} on {self.scorer.device.type}, "
+              f"{model_path}", flush=True)
         self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
