@@ -97,7 +97,8 @@ def main() -> None:
           f"prompts of {results['prompt_tokens_mean']} tokens on average")
     print(f"{'mode':<28} {'dtype':<9} {'seconds':>8} {'forward passes':>15} {'pairs/s':>8}")
     for r in results["runs"]:
-        print(f"{r['mode']:<28} {r['dtype']:<9} {r['seconds']:>8.2f} {r['forward_passes']:>15} {r['pairs_per_s']:>8.1f}")
+        print(f"{r['mode']:<28} {r['dtype']:<9} {r['seconds']:>8.2f} {r['forward_passes']:>15} "
+              f"{r['pairs_per_s']:>8.1f}")
     print(f"saved {args.out}")
 
 

@@ -226,7 +226,7 @@ class PRMServiceConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     device: str = "auto"
-    dtype: str = "auto"  # as policy.dtype (the PRM in bfloat16: 3-4x faster on such CPUs; its head stays float32)
+    dtype: str = "auto"  # as policy.dtype (its scalar head always computes in float32)
     trust_remote_code: bool = False
     max_batch_size: int = 64  # (state, action) pairs per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for more requests once the model is free

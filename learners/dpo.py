@@ -43,7 +43,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def kept_pair_weight(kept: int, step_pairs: float, micro_batches: int) -> float:
     """The factor on the mean loss of a micro-batch's `kept` pairs that makes the engines'
     average over the step's `micro_batches` micro-batches (all ranks) the mean over its
-    `step_pairs` kept pairs: ties then neither shrink the step nor weigh its other pairs."""
+    `step_pairs` kept pairs, however many ties the step had and wherever they fell."""
     return kept * micro_batches / step_pairs
 
 

@@ -2,7 +2,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from agent import CHAT_DATE, AgentState, Turn, command_to_send, format_response, parse_action, render_messages, render_prompt
+from agent import (CHAT_DATE, AgentState, Turn, command_to_send, format_response, parse_action, render_messages,
+                   render_prompt)
 from envs import AlfworldEnv
 
 
