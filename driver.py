@@ -51,8 +51,8 @@ from policy_server import SamplingParams, resolve_model, start_policy_servers  #
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
-from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, read_steps,  # noqa: E402
-                             run_episodes, start_rollout_workers, summarize)
+from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, missing_episodes,  # noqa: E402
+                             read_steps, run_episodes, start_rollout_workers, summarize)
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -146,27 +146,36 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
                          tuple(demonstrations.get(g.game_id, [])[:reset_steps(cfg, g.game_id, e, demonstrations)]))
              for g in games for e in range(episodes_per_game)]
     model_path = resolve_model(model)
-    policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
-    prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
-    workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
     episodes_dir.mkdir(parents=True, exist_ok=True)
     # The time spent playing, summed over every run that worked on these episodes; the leading
     # underscore keeps it out of the folder as a Parquet dataset (Arrow and Ray Data skip such files).
+    with stage_clock(episodes_dir / "_playing_time.json") as playing_time:
+        if missing_episodes(tasks, episodes_dir):  # a finished set starts no servers
+            play_missing(cfg, agent, model_path, tasks, episodes_dir, desc=f"{agent} on {split}")
+    steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
+    report = summarize(steps)
+    prm = cfg.prm_service.model if agent == "llm" else None
+    report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
+                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(), 1),
+                  best_of_n=cfg.policy.best_of_n if prm else None, prm=prm)
+    return steps, report
+
+
+def play_missing(cfg: DictConfig, agent: str, model_path: str, tasks: list[EpisodeTask], episodes_dir: Path,
+                 desc: str) -> None:
+    """Start the policy server (and the PRM service for Best-of-N) and the rollout workers,
+    play the tasks without a shard, and stop them all."""
+    policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
+    prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
+    workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
     try:
-        with stage_clock(episodes_dir / "_playing_time.json") as playing_time:
-            run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=f"{agent} on {split}")
+        run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=desc)
     finally:  # free their CPUs for the next stage
         for worker in workers:
             ray.kill(worker)
         for server in (policy, prm):
             if server:
                 server.shutdown()
-    steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
-    report = summarize(steps)
-    report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(), 1),
-                  best_of_n=cfg.policy.best_of_n if prm else None, prm=cfg.prm_service.model if prm else None)
-    return steps, report
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: str | None = None,

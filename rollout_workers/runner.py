@@ -34,6 +34,11 @@ def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyCl
     ]
 
 
+def missing_episodes(tasks: list[EpisodeTask], episodes_dir: Path) -> list[EpisodeTask]:
+    """The tasks whose episode has no shard in `episodes_dir` yet."""
+    return [t for t in tasks if not shard_path(episodes_dir, t.episode_id).exists()]
+
+
 def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], episodes_dir: Path,
                  desc: str = "episodes", timeout_s: float = 3600.0) -> int:
     """Play every task whose shard is missing; write each episode as it finishes.
@@ -41,7 +46,7 @@ def run_episodes(workers: list, envs_per_worker: int, tasks: list[EpisodeTask], 
     Each worker gets at most `envs_per_worker` episodes at a time and a new one as soon as
     one finishes, so fast and slow games balance across workers. Returns episodes played.
     """
-    todo = [t for t in tasks if not shard_path(episodes_dir, t.episode_id).exists()]
+    todo = missing_episodes(tasks, episodes_dir)
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="ep", dynamic_ncols=True)
     pending: dict[ray.ObjectRef, int] = {}  # episode future -> worker index
     queue = list(reversed(todo))

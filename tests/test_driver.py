@@ -58,6 +58,22 @@ def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
     assert resumed["wall_time_s"] > report["wall_time_s"]  # both runs' playing time
 
 
+def test_a_finished_evaluation_starts_nothing_again(tiny_model, tmp_path, monkeypatch):
+    """Resuming past a finished set of episodes starts no policy server or workers (a vLLM
+    start-up is most of a minute on CPU)."""
+    run_dir = tmp_path / "eval"
+    run_driver(f"run_dir={run_dir}", "mode=eval", f"policy.model={tiny_model}", "eval.num_games=2", "env.max_steps=2",
+               "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2")
+    report = json.loads((run_dir / "eval.json").read_text())
+
+    def start_nothing(*args, **kwargs):
+        raise AssertionError("started servers for a finished set of episodes")
+    monkeypatch.setattr(driver, "play_missing", start_nothing)
+    again = driver.evaluate(OmegaConf.load(run_dir / "config.yaml"), run_dir)
+    assert again["episodes"] == report["episodes"] == 2
+    assert again["success_rate"] == report["success_rate"]
+
+
 def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
     run_dir = tmp_path / "demos"
     run_driver(f"run_dir={run_dir}", "mode=demos", "demos.num_games=3", "env.max_steps=12",
