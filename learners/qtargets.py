@@ -10,7 +10,8 @@ one state whose estimates differ by more than a margin (on the [-1, 1] scale, as
 reference code).
 
 Games are split into train and validation by task folder (the trials of one task in one
-room share their first states), so validation states are unseen in training.
+room share their first states), so validation states are unseen in training; folders with
+a won episode and folders without are sampled apart, so validation holds both outcomes.
 """
 from __future__ import annotations
 
@@ -40,12 +41,23 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
-def split_games(game_ids: list[str], val_fraction: float, seed: int) -> set[str]:
+def split_games(game_ids: list[str], val_fraction: float, seed: int,
+                won_games: frozenset[str] | set[str] = frozenset()) -> set[str]:
     """The validation games: those of a seeded sample of ceil(fraction x task folders) task
-    folders (a game id is "<task folder>/<trial folder>"); none if the fraction is 0."""
+    folders (a game id is "<task folder>/<trial folder>"); none if the fraction is 0.
+
+    With `won_games` (AgentPRM: the games of won episodes), folders with a win and folders
+    without are sampled apart, each at the fraction but leaving training at least one, so the
+    validation AUC has both outcomes to separate whenever the rollouts have two folders with
+    a win (a plain sample of 4 of 20 folders missed all 6 with wins)."""
     folders = sorted({g.split("/")[0] for g in game_ids})
-    random.Random(seed).shuffle(folders)
-    held_out = set(folders[:math.ceil(val_fraction * len(folders))])
+    won_folders = {g.split("/")[0] for g in won_games}
+    rng = random.Random(seed)
+    held_out: set[str] = set()
+    for group in ([f for f in folders if f in won_folders], [f for f in folders if f not in won_folders]):
+        rng.shuffle(group)
+        take = math.ceil(val_fraction * len(group))
+        held_out |= set(group[:take if not won_folders else min(take, len(group) - 1)])
     return {g for g in game_ids if g.split("/")[0] in held_out}
 
 
@@ -130,7 +142,8 @@ def summarize_dataset(steps: pa.Table, targets: pa.Table, pairs: pa.Table) -> di
 def build_dataset(steps: pa.Table, out_dir: Path, gamma: float, discount: str, margin: float,
                   val_fraction: float, seed: int) -> dict:
     """Q-targets, pairs and their summary from rollouts: qtargets.parquet, pairs.parquet."""
-    val_games = split_games(steps["game_id"].to_pylist(), val_fraction, seed)
+    won = {g for g, w in zip(steps["game_id"].to_pylist(), steps["won"].to_pylist()) if w}
+    val_games = split_games(steps["game_id"].to_pylist(), val_fraction, seed, won)
     targets = q_targets(steps, gamma, discount, val_games)
     pairs = preference_pairs(targets, margin)
     out_dir.mkdir(parents=True, exist_ok=True)

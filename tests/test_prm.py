@@ -1,6 +1,7 @@
 """AgentPRM's critic: Q-targets, the PRM learner (both losses), the PRM service, Best-of-N."""
 import asyncio
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -70,6 +71,21 @@ def test_split_is_by_task_folder_and_seeded():
     assert {r["game_id"] for r in rows if r["split"] == "val"} == val
     first = [r for r in rows if r["prompt"].endswith("-s0")]
     assert len(first) == 20 and all(r["visits"] == 2 for r in first)
+
+
+def test_split_holds_out_folders_with_and_without_a_win():
+    """AgentPRM's validation needs both outcomes for its AUC: folders with a won episode are
+    sampled apart from the rest, and training keeps at least one of them."""
+    games = [f"task{i}/trial{j}" for i in range(20) for j in range(2)]
+    for won_folders in (range(2), range(6), range(19)):
+        won = {f"task{i}/trial0" for i in won_folders}
+        val = {g.split("/")[0] for g in split_games(games, 0.2, seed=0, won_games=won)}
+        val_won = {f for f in val if int(f[4:]) in won_folders}
+        assert len(val_won) == min(math.ceil(0.2 * len(won_folders)), len(won_folders) - 1) >= 1
+        assert len(val - val_won) == min(math.ceil(0.2 * (20 - len(won_folders))), 20 - len(won_folders) - 1)
+    # A single folder with a win stays in training: the PRM must see a success to learn from.
+    val = split_games(games, 0.2, seed=0, won_games={"task3/trial1"})
+    assert not any(g.startswith("task3/") for g in val) and len(val) == 2 * 4
 
 
 def test_weighted_auc_by_hand():
