@@ -172,7 +172,9 @@ class CriticConfig:
     # to_go: gamma^(T-1-t) * outcome (the paper); from_start: gamma^t * outcome (its reference code)
     discount: str = "to_go"
     pair_margin: float = 0.03  # preference pairs: actions at one state whose MC estimates ([-1, 1]) differ by more
-    val_fraction: float = 0.1  # share of the task folders (with all their games) held out to validate the PRM
+    # share of the task folders (with all their games) held out to validate the PRM; AgentPRM
+    # samples folders with a won episode and folders without apart, so both outcomes are held out
+    val_fraction: float = 0.1
     # After training: Best-of-N(policy, Q) on eval.split for each N (empty = skip), sampling at
     # this temperature (N = 1 is the policy sampled alone at that temperature).
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
