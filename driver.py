@@ -242,12 +242,14 @@ def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
 def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], float]]:
     """Time resumable work (a stage, a set of episodes) across runs: the seconds so far live in
     `path`, rewritten every `every_s` (a run killed midway loses at most that) and at the end.
-    Yields the total."""
+    Yields the total, which stops growing when the block ends (what follows, such as shutting
+    servers down, is not the work's time)."""
     before = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
     start = time.monotonic()
+    end: float | None = None
 
     def elapsed() -> float:
-        return before + time.monotonic() - start
+        return before + (time.monotonic() if end is None else end) - start
 
     def save() -> None:
         tmp = path.with_suffix(".tmp")  # written whole, then renamed: a kill leaves the old file
@@ -266,6 +268,7 @@ def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], floa
     finally:
         done.set()
         ticker.join()
+        end = time.monotonic()
         save()
 
 

@@ -49,7 +49,7 @@ def split_games(game_ids: list[str], val_fraction: float, seed: int,
     With `won_games` (AgentPRM: the games of won episodes), folders with a win and folders
     without are sampled apart, each at the fraction but leaving training at least one, so the
     validation AUC has both outcomes to separate whenever the rollouts have two folders with
-    a win (a plain sample of 4 of 20 folders missed all 6 with wins)."""
+    a win (a plain sample of 4 of 20 folders missed all 4 with wins)."""
     folders = sorted({g.split("/")[0] for g in game_ids})
     won_folders = {g.split("/")[0] for g in won_games}
     rng = random.Random(seed)

@@ -74,6 +74,20 @@ def test_a_finished_evaluation_starts_nothing_again(tiny_model, tmp_path, monkey
     assert again["success_rate"] == report["success_rate"]
 
 
+def test_stage_clock_stops_when_its_work_ends(tmp_path, monkeypatch):
+    """The total adds this run's time to the saved one and stops at the end of the block: a
+    report read after the servers shut down does not count their shutdown."""
+    now = [100.0]
+    monkeypatch.setattr(driver.time, "monotonic", lambda: now[0])
+    path = tmp_path / "clock.json"
+    path.write_text(json.dumps({"seconds": 5.0}))
+    with driver.stage_clock(path) as elapsed:
+        now[0] += 3.0
+        assert elapsed() == 8.0
+    now[0] += 40.0
+    assert elapsed() == 8.0 and json.loads(path.read_text())["seconds"] == 8.0
+
+
 def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
     run_dir = tmp_path / "demos"
     run_driver(f"run_dir={run_dir}", "mode=demos", "demos.num_games=3", "env.max_steps=12",
