@@ -232,10 +232,16 @@ def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with stage_clock(folder / "stage_time.json") as elapsed:
         result = run()
-    manifest.write_text(json.dumps({"stage": name, "wall_time_s": round(elapsed(), 1),
-                                    "finished": datetime.now().isoformat(timespec="seconds"), "result": result},
-                                   indent=2))
+    write_json(manifest, {"stage": name, "wall_time_s": round(elapsed(), 1),
+                          "finished": datetime.now().isoformat(timespec="seconds"), "result": result})
     return result
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Written whole, then renamed: a kill midway leaves the old file (or none), never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
 
 
 @contextmanager
@@ -252,9 +258,7 @@ def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], floa
         return before + (time.monotonic() if end is None else end) - start
 
     def save() -> None:
-        tmp = path.with_suffix(".tmp")  # written whole, then renamed: a kill leaves the old file
-        tmp.write_text(json.dumps({"seconds": round(elapsed(), 1)}))
-        tmp.replace(path)
+        write_json(path, {"seconds": round(elapsed(), 1)})
 
     def tick() -> None:
         while not done.wait(every_s):
@@ -333,7 +337,8 @@ STAGE_1 = {"agentprm": q_targets_stage, "inverseprm": transitions_stage}
 
 def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
     """Stage 2: the PRM (out/prm/, a Hugging Face folder) trained on stage 1's data in `out`,
-    and its validation report (out/prm_report.json; AgentPRM: out/prm_reliability.png)."""
+    and its validation report (out/prm_report.json; AgentPRM: out/prm_reliability.png). Its
+    manifest goes to out/prm_stage/, not into the model folder, which is replaced whole."""
     init = resolve_model(policy_model if cfg.prm.init == "policy" else cfg.prm.init)
     if cfg.algorithm == "inverseprm":
         report = train_inverse_prm(cfg, out, init, out)
@@ -409,7 +414,7 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
     out = run_dir / "critic"
     dataset = stage(out, "stage_1",
                     lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
-    report = stage(out / "prm", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
+    report = stage(out / "prm_stage", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
     bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm"))
     return {"dataset": dataset, "prm": report, "best_of_n": bon}
 
@@ -439,7 +444,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         out = run_dir / f"iter_{i}"
         dataset = stage(out / "critic", "stage_1", lambda: STAGE_1[cfg.algorithm](
             cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
-        stage(out / "critic" / "prm", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
+        stage(out / "critic" / "prm_stage", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
         prm_dir = out / "critic" / "prm"
         if cfg.eval.best_of_n:
             best_of_n[f"pi{i - 1}+Q{i - 1}"] = bon(out / "bon_before", policy_model, prm_dir)

@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.policy.num_gpus >= 0, "policy.num_gpus must be >= 0")
     if cfg.policy.device == "cuda":
         _check(cfg.policy.num_gpus > 0, "policy.device=cuda needs policy.num_gpus > 0")
-    _check_vllm(cfg.policy)
+    _check_vllm(cfg.policy, cfg.mode)
     _check_learner(cfg)
     _check_critic(cfg)
     port = cfg.policy.openai_port
@@ -134,6 +134,9 @@ def _check_learner(cfg: DictConfig) -> None:
     _check(cfg.dpo.beta > 0 and cfg.dpo.temperature > 0, "dpo.beta and dpo.temperature must be > 0")
     _check(cfg.dpo.push_every >= 1 and cfg.dpo.max_policy_lag >= 0 and cfg.dpo.max_new_tokens >= 1,
            "dpo.push_every and dpo.max_new_tokens must be at least 1, dpo.max_policy_lag at least 0")
+    _check(cfg.dpo.checkpoint_every % cfg.dpo.push_every == 0,
+           f"dpo.checkpoint_every ({cfg.dpo.checkpoint_every}) must be a multiple of dpo.push_every "
+           f"({cfg.dpo.push_every}): a resumed DPO serves its checkpoint's weights as the version they were pushed as")
     _check(cfg.dpo.monitor_games >= 0 and cfg.dpo.monitor_states >= 0 and cfg.dpo.monitor_every >= 1,
            "dpo.monitor_games and dpo.monitor_states must be >= 0, dpo.monitor_every at least 1")
     for split in cfg.sft.eval_splits:
@@ -207,8 +210,11 @@ def _check_prm_folder(folder: str) -> None:
            "mode=critic trains one")
 
 
-def _check_vllm(policy: DictConfig) -> None:
+def _check_vllm(policy: DictConfig, mode: str) -> None:
     _one_of(policy.vllm.weight_transfer, WEIGHT_TRANSFERS, "policy.vllm.weight_transfer")
+    _check(mode != "train" or policy.engine != "vllm" or policy.vllm.weight_transfer == "local_file",
+           "policy.vllm.weight_transfer=nccl is for trainers outside this project (vLLM's sync client); "
+           "mode=train's DPO learner pushes weights through the policy server: use local_file")
     _check(policy.vllm.tensor_parallel_size >= 1, "policy.vllm.tensor_parallel_size must be at least 1")
     _check(0 < policy.vllm.gpu_memory_utilization <= 1, "policy.vllm.gpu_memory_utilization must be in (0, 1]")
     if policy.engine != "vllm":

@@ -205,6 +205,7 @@ class DPOConfig(TrainConfig):
     temperature: float = 0.7  # the two responses per state are sampled at this temperature
     max_new_tokens: int = 64
     push_every: int = 4  # optimizer steps between weight pushes to the policy server (a new version each)
+    checkpoint_every: int = 40  # a multiple of push_every
     max_policy_lag: int = 1  # sampling runs ahead of the learner by at most this many versions (0 = lockstep)
     # The reward-hacking monitor (the paper's Figure 3): every `monitor_every` policy versions,
     # the PRM's mean score of the policy's responses on `monitor_states` held-out states next to

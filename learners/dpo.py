@@ -140,7 +140,10 @@ def dpo_recipe(config: dict) -> None:
 
     load = dict(dtype=torch.float32, trust_remote_code=config["trust_remote_code"])
     model = AutoModelForCausalLM.from_pretrained(config["init_model"], **load).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(config["init_model"], **load).to(device).eval()
+    # The reference computes in the engine's dtype: at step 1 its log-probabilities then equal
+    # the policy's, and the DPO margin starts at 0, not at rounding noise.
+    reference = AutoModelForCausalLM.from_pretrained(
+        config["init_model"], **{**load, "dtype": getattr(torch, learner["dtype"])}).to(device).eval()
     reference.requires_grad_(False)
     engine, optimizer = build_engine(model, dpo, learner, total_steps)
     share = worker_share(states, dpo["batch_size"], config["seed"], length=len)  # a prompt's characters

@@ -2,7 +2,8 @@
 
 Requests queue while the model is busy; when it frees up, everything queued (up to
 `max_size` units, waiting at most `max_wait_s` for more) runs as one batch on the model's
-single thread. Other model calls (weight loads) go through the same thread, so they never
+single thread. A request that would take a batch past `max_size` opens the next one (one
+larger than `max_size` runs alone). Other model calls (weight loads) go through the same thread, so they never
 overlap a batch.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class DynamicBatcher:
         self.run_batch, self.max_size, self.max_wait_s, self.size = run_batch, max_size, max_wait_s, size
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._queue: asyncio.Queue[_Pending] | None = None
+        self._held: _Pending | None = None  # did not fit the last batch: first in the next
         self.batches = 0
 
     async def submit(self, item: Any) -> Any:
@@ -47,7 +49,8 @@ class DynamicBatcher:
 
     async def _next_batch(self) -> list[_Pending]:
         loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
+        batch = [self._held or await self._queue.get()]
+        self._held = None
         units = self.size(batch[0].item)
         deadline = loop.time() + self.max_wait_s
         while units < self.max_size:
@@ -61,6 +64,9 @@ class DynamicBatcher:
                     break
             else:
                 pending = self._queue.get_nowait()
+            if units + self.size(pending.item) > self.max_size:
+                self._held = pending
+                break
             batch.append(pending)
             units += self.size(pending.item)
         return batch

@@ -6,7 +6,8 @@ Figure 3). So while the learner trains, every `every`-th policy version the serv
 is measured twice: the PRM's mean score of the policy's responses on held-out states, and
 the success rate on a fixed set of eval games played against the policy server. A
 background thread of the driver does it; each measurement is appended to a JSONL file as
-it completes.
+it completes, and a resumed run continues that file. The learner keeps pushing while the
+games are played, so a record also says which versions played them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.compute as pc
 import ray
 
 from policy_server import PolicyClient, SamplingParams
@@ -33,7 +35,8 @@ class RewardHackingMonitor:
         self.policy, self.prm, self.workers, self.envs_per_worker = policy, prm, workers, envs_per_worker
         self.states, self.tasks, self.sampling, self.out = states, tasks, sampling, out
         self.every, self.poll_s = every, poll_s
-        self.records: list[dict] = []
+        log = out / "monitor.jsonl"  # the measurements of earlier runs of this stage, if it resumes
+        self.records: list[dict] = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="reward-hacking-monitor", daemon=True)
@@ -82,10 +85,13 @@ class RewardHackingMonitor:
             scores = [s.scores[0] for s in scored]
         episodes = self.out / f"episodes_v{version}"
         run_episodes(self.workers, self.envs_per_worker, self.tasks, episodes, desc=f"monitor, version {version}")
-        report = summarize(read_steps(episodes, [t.episode_id for t in self.tasks]))
+        steps = read_steps(episodes, [t.episode_id for t in self.tasks])
+        report = summarize(steps)
         record = {"version": version, "prm_mean_score": sum(scores) / len(scores) if scores else None,
                   "held_out_states": len(self.states), "success_rate": report["success_rate"],
-                  "games": len(self.tasks), "seconds": round(time.monotonic() - start, 1)}
+                  "games": len(self.tasks), "played_by_versions": [pc.min(steps["policy_version"]).as_py(),
+                                                                    pc.max(steps["policy_version"]).as_py()],
+                  "seconds": round(time.monotonic() - start, 1)}
         self.records.append(record)
         with (self.out / "monitor.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -38,6 +38,8 @@ def test_cluster_yaml_is_valid_and_matches_the_cluster_config():
     for commands in (cluster["head_setup_commands"], nodes["gpu"]["worker_setup_commands"]):
         assert any("scripts/setup.sh vllm" in c for c in commands)
     assert yaml.safe_load((REPO_ROOT / "configs/gpu_cluster.yaml").read_text())["policy"]["engine"] == "vllm"
+    # one run directory that every node sees: each node (setup_commands) mounts it
+    assert any("mount -t nfs4" in c and "~/runs" in c for c in cluster["setup_commands"])
 
 
 def free_port() -> int:

@@ -137,5 +137,7 @@ def test_reward_hacking_monitor_measures_prm_score_and_success_per_version(ray_l
     assert records[-1]["version"] == 1 and [r["version"] for r in records] == sorted({r["version"] for r in records})
     for r in records:
         assert isinstance(r["prm_mean_score"], float) and r["success_rate"] == 0.0 and r["games"] == 2
+        first, last = r["played_by_versions"]  # the weights that played its games: this version or later
+        assert r["version"] <= first <= last <= records[-1]["version"]
     logged = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
     assert logged == records

@@ -174,7 +174,8 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
                              timeout=900)
     assert crashed.returncode != 0 and "injected failure at step 3" in crashed.stdout + crashed.stderr
     it1 = run_dir / "iter_1"
-    assert (it1 / "critic/manifest.json").is_file() and (it1 / "critic/prm/manifest.json").is_file()
+    assert (it1 / "critic/manifest.json").is_file() and (it1 / "critic/prm_stage/manifest.json").is_file()
+    assert {p.name for p in (it1 / "critic/prm").iterdir()}.isdisjoint({"manifest.json", "stage_time.json"})
     assert not (it1 / "dpo/manifest.json").exists()
     assert len((it1 / "dpo/metrics.jsonl").read_text().splitlines()) >= 2
     crashed_dpo_s = json.loads((it1 / "dpo/stage_time.json").read_text())["seconds"]
@@ -202,6 +203,9 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
         assert json.loads((run_dir / f"iter_{i}/eval/eval.json").read_text())["model"] == manifest["result"]["policy"]
         monitor = manifest["result"]["monitor"]  # the final version is always measured
         assert monitor[-1]["version"] == max(r["version"] for r in monitor) and monitor[-1]["games"] == 1
+        # iteration 1's stage resumed: its report keeps the crashed run's measurements, none twice
+        logged = [json.loads(line) for line in (run_dir / f"iter_{i}/dpo/monitor.jsonl").read_text().splitlines()]
+        assert monitor == logged and [r["version"] for r in monitor] == sorted({r["version"] for r in monitor})
         assert (run_dir / f"iter_{i}/dpo/monitor.png").is_file()
 
 

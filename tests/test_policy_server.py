@@ -97,6 +97,29 @@ def start_server(tiny_model, replicas=1, **overrides) -> PolicyClient:
     return start_policy_servers(cfg.policy, tiny_model, seed=0)
 
 
+def test_batches_stay_within_max_size():
+    """Requests of 3 units, at most 7 per batch: pairs of requests, and the odd one alone."""
+    import asyncio
+
+    from policy_server.batching import DynamicBatcher
+
+    batches = []
+
+    def run_batch(items):
+        batches.append(items)
+        return [f"{item}!" for item in items]
+
+    async def submit_all():
+        batcher = DynamicBatcher(run_batch, max_size=7, max_wait_s=0.05, size=lambda item: 3)
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+        finally:
+            batcher.shutdown()
+
+    assert asyncio.run(submit_all()) == [f"{i}!" for i in range(5)]
+    assert sorted(batches) == [[0, 1], [2, 3], [4]]
+
+
 def test_server_batches_concurrent_requests(ray_local, tiny_model):
     policy = start_server(tiny_model, **{"policy.max_batch_size": 64, "policy.batch_wait_ms": 200})
     params = SamplingParams(max_tokens=6)
