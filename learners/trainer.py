@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,9 @@ def init_worker(seed: int, learner: dict) -> torch.device:
     """Seed and size this worker's torch; its device (cuda:<local rank> on GPU workers, else cpu)."""
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, learner["torch_threads"] or int(learner["num_cpus_per_worker"])))
+    # DeepSpeed compiles its CPU ops on first use; one build folder per Python environment,
+    # or environments with other torch builds would rebuild them in turn on every start.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return ray.train.torch.get_device()
 
 
