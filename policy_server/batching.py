@@ -3,8 +3,8 @@
 Requests queue while the model is busy; when it frees up, everything queued (up to
 `max_size` units, waiting at most `max_wait_s` for more) runs as one batch on the model's
 single thread. A request that would take a batch past `max_size` opens the next one (one
-larger than `max_size` runs alone). Other model calls (weight loads) go through the same thread, so they never
-overlap a batch.
+larger than `max_size` runs alone). Other model calls (weight loads) go through the same
+thread, so they never overlap a batch.
 """
 from __future__ import annotations
 

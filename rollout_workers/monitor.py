@@ -35,8 +35,9 @@ class RewardHackingMonitor:
         self.policy, self.prm, self.workers, self.envs_per_worker = policy, prm, workers, envs_per_worker
         self.states, self.tasks, self.sampling, self.out = states, tasks, sampling, out
         self.every, self.poll_s = every, poll_s
-        log = out / "monitor.jsonl"  # the measurements of earlier runs of this stage, if it resumes
-        self.records: list[dict] = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        self.log = out / "monitor.jsonl"  # holds the measurements of earlier runs of this stage, if it resumes
+        self.records: list[dict] = ([json.loads(line) for line in self.log.read_text().splitlines()]
+                                    if self.log.exists() else [])
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="reward-hacking-monitor", daemon=True)
@@ -93,7 +94,7 @@ class RewardHackingMonitor:
                                                                     pc.max(steps["policy_version"]).as_py()],
                   "seconds": round(time.monotonic() - start, 1)}
         self.records.append(record)
-        with (self.out / "monitor.jsonl").open("a") as f:
+        with self.log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"monitor: version {version}: PRM mean score {record['prm_mean_score']}, "
               f"success {record['success_rate']:.1%} on {len(self.tasks)} games", flush=True)
