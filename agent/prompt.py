@@ -43,11 +43,22 @@ class AgentState:
         self.observation, self.admissible_commands = observation, admissible_commands
 
 
+def history_window_start(num_turns: int, history_turns: int) -> int:
+    """Index of the first turn shown: at most `history_turns` turns, and the window drops its
+    oldest half at once rather than one turn per step (between history_turns/2 + 1 and
+    history_turns are shown). Between two drops, each prompt of an episode extends the last
+    one's history, so the policy server's prefix cache does not compute that history again."""
+    if num_turns <= history_turns:
+        return 0
+    stride = max(1, history_turns // 2)
+    return -(-(num_turns - history_turns) // stride) * stride  # the excess, rounded up to a stride
+
+
 def render_user_message(state: AgentState, history_turns: int) -> str:
     lines = [f"Your task is to: {state.task}"]
-    recent = state.history[-history_turns:] if history_turns > 0 else []
+    skipped = history_window_start(len(state.history), history_turns) if history_turns > 0 else len(state.history)
+    recent = state.history[skipped:]
     if recent:
-        skipped = len(state.history) - len(recent)
         lines.append("")
         lines.append(f"Recent history ({skipped} earlier turns omitted):" if skipped else "History:")
         for turn in recent:

@@ -36,7 +36,10 @@ class EnvConfig:
 
 @dataclass
 class PromptConfig:
-    history_turns: int = 8  # (action, observation) turns of recent history shown to the policy
+    # At most this many (action, observation) turns of recent history are shown to the policy.
+    # The window drops its oldest half at once (5 to 8 turns shown for 8), so most prompts of an
+    # episode extend the previous one and the policy server's prefix cache skips their history.
+    history_turns: int = 8
 
 
 @dataclass

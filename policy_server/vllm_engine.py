@@ -110,4 +110,7 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # Released now: AsyncLLM.__del__ shuts down again, and when that waits for the actor's
+        # interpreter exit (module globals already gone) it prints a TypeError traceback.
+        del self.llm
 

@@ -46,6 +46,22 @@ def test_render_keeps_recent_history_and_uses_chat_template(tiny_model):
     assert user in prompt
 
 
+def test_the_history_window_drops_its_oldest_half_so_prompts_extend_each_other():
+    shown, extends = [], []
+    state = AgentState("put a mug in the sink.", "You are in a room.", ["look"])
+    previous = render_messages(state, history_turns=8)[1]["content"]
+    for i in range(1, 30):
+        state.advance(f"go to shelf {i}", f"You arrive at shelf {i}.", ["look"])
+        user = render_messages(state, history_turns=8)[1]["content"]
+        shown.append(user.count("\n> "))
+        extends.append(user.startswith(previous[:previous.index("\n\nCurrent observation")]))
+        previous = user
+    assert shown[:8] == list(range(1, 9)) and min(shown[8:]) == 5 and max(shown[8:]) == 8
+    assert "24 earlier turns omitted" in user and "> go to shelf 25" in user and "> go to shelf 24" not in user
+    # the window moved at turns 9, 13, 17, 21, 25 and 29; every other prompt extends the last one's history
+    assert [i + 1 for i, e in enumerate(extends) if not e] == [9, 13, 17, 21, 25, 29]
+
+
 def test_a_chat_template_that_prints_todays_date_gets_a_fixed_one(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = (  # as Llama 3.2's: today's date unless the caller passes one
