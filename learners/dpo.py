@@ -160,6 +160,9 @@ def dpo_recipe(config: dict) -> None:
         served["version"] = config["first_version"] + math.ceil(step / dpo["push_every"])
         if rank == 0:
             policy.load_weights(weights, served["version"])
+        # No rank asks for samples before the new version is in: without this, rank 1 sent
+        # its requests while rank 0 was still loading, and they ran on weights 2 pushes old.
+        dist.barrier()
 
     def batch_for_step(step: int) -> list[PreferencePair | None]:
         if not served["started"] and step > 1:  # resumed from a checkpoint: serve its weights first
