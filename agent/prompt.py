@@ -56,7 +56,7 @@ def history_window_start(num_turns: int, history_turns: int) -> int:
 
 def render_user_message(state: AgentState, history_turns: int) -> str:
     lines = [f"Your task is to: {state.task}"]
-    skipped = history_window_start(len(state.history), history_turns) if history_turns > 0 else len(state.history)
+    skipped = history_window_start(len(state.history), history_turns)  # all of them for 0
     recent = state.history[skipped:]
     if recent:
         lines.append("")

@@ -110,7 +110,7 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
-        # Released now: AsyncLLM.__del__ shuts down again, and when that waits for the actor's
-        # interpreter exit (module globals already gone) it prints a TypeError traceback.
+        # Released now: AsyncLLM.__del__ shuts down again, and left to the actor's interpreter
+        # exit (module globals already gone) it printed a TypeError traceback.
         del self.llm
 

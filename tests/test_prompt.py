@@ -58,7 +58,7 @@ def test_the_history_window_drops_its_oldest_half_so_prompts_extend_each_other()
         previous = user
     assert shown[:8] == list(range(1, 9)) and min(shown[8:]) == 5 and max(shown[8:]) == 8
     assert "24 earlier turns omitted" in user and "> go to shelf 25" in user and "> go to shelf 24" not in user
-    # the window moved at turns 9, 13, 17, 21, 25 and 29; every other prompt extends the last one's history
+    # the window moved at turns 9, 13, 17, 21, 25 and 29; all the others extend the last one's history
     assert [i + 1 for i, e in enumerate(extends) if not e] == [9, 13, 17, 21, 25, 29]
 
 
