@@ -1,14 +1,18 @@
 """SFT throughput: DeepSpeed (ZeRO stages) against plain DDP, same model, same demonstrations.
 
-    python -m bench.sft_throughput [--games 8] [--epochs 1] [--workers 2]
+    python -m bench.sft_throughput [--games 8] [--epochs 1] [--workers 2] [--max-steps N]
                                    [--learners deepspeed-zero2 ddp deepspeed-zero1 ...]
+                                   [--precisions float32 bfloat16 autocast_bf16]
 
 The expert's demonstrations on the first `--games` train games (collected once into
 bench/results/.sft_demos/) train the embedded SmolLM2-135M with each learner setup, as
 Ray Train jobs of `--workers` CPU workers (`learner.*` and `sft.*` at their defaults
-otherwise). For each: wall time of the whole job (start-up, steps, final checkpoint and
-export), the steps' mean training throughput in tokens/s, first and last loss. Printed and
-saved as JSON in bench/results/sft_throughput.json.
+otherwise), in each of `--precisions` (`learner.dtype` float32 or bfloat16, DeepSpeed's
+bf16 mode; autocast_bf16: float32 weights, bfloat16 matrix products, `learner.autocast_bf16`).
+For each: wall time of
+the whole job (start-up, steps, final checkpoint and export), the steps' mean training
+throughput in tokens/s, first and last loss. Printed and saved as JSON in
+bench/results/sft_throughput.json.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from policy_server import resolve_model  # noqa: E402
 
 LEARNERS = {f"deepspeed-zero{stage}": ["learner.backend=deepspeed", f"learner.zero_stage={stage}"]
             for stage in (0, 1, 2, 3)} | {"ddp": ["learner.backend=ddp"]}
+PRECISIONS = {"float32": [], "bfloat16": ["learner.dtype=bfloat16"], "autocast_bf16": ["learner.autocast_bf16=true"]}
 
 
 def main() -> None:
@@ -43,35 +48,42 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--learners", nargs="+", default=["deepspeed-zero2", "ddp"], choices=list(LEARNERS))
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=list(PRECISIONS))
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each job after this many steps")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/sft_throughput.json"))
     args = parser.parse_args()
+    if "ddp" in args.learners and "bfloat16" in args.precisions:
+        parser.error("ddp has no bfloat16 weights: drop it or bfloat16")
 
     ray.init(address="local", num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True, object_store_memory=2**30)
     demos_run = REPO_ROOT / "bench/results/.sft_demos" / f"train-{args.games}"
     base = [f"demos.num_games={args.games}", f"run_dir={demos_run}", f"learner.num_workers={args.workers}",
-            f"sft.epochs={args.epochs}", "sft.checkpoint_every=1000000", "sft.max_steps=null", "env.max_steps=50"]
+            f"sft.epochs={args.epochs}", "sft.checkpoint_every=1000000", f"sft.max_steps={args.max_steps or 'null'}",
+            "env.max_steps=50"]
     if not (demos_run / "demos.parquet").exists():
         demos_run.mkdir(parents=True, exist_ok=True)
         collect_demos(load_config(["mode=demos", *base]), demos_run)
     results = {"machine": machine(torch_threads=1), "model": "smollm2-135m-instruct", "games": args.games,
                "workers": args.workers, "runs": []}
-    for name in args.learners:
-        cfg = load_config(["mode=sft", *base, *LEARNERS[name]])
+    for name, precision in ((n, p) for n in args.learners for p in args.precisions):
+        cfg = load_config(["mode=sft", *base, *LEARNERS[name], *PRECISIONS[precision]])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             train_sft(cfg, demos_run / "demos.parquet", resolve_model(cfg.policy.model), Path(tmp))
             wall = time.perf_counter() - start
             steps = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.mean(s["tokens_per_s"] for s in steps[1:] or steps)  # the first step warms up
-        results["runs"].append({"learner": name, "steps": len(steps), "batch_size": cfg.sft.batch_size,
+        results["runs"].append({"learner": name, "precision": precision, "steps": len(steps),
+                                "batch_size": cfg.sft.batch_size,
                                 "wall_s": round(wall, 1), "tokens_per_s": round(rate, 1),
                                 "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4)})
         print(results["runs"][-1], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # written as each learner completes
-    print(f"\n{'learner':<16} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} {'loss last':>10}")
+    print(f"\n{'learner':<16} {'precision':<13} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} "
+          f"{'loss last':>10}")
     for r in results["runs"]:
-        print(f"{r['learner']:<16} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['learner']:<16} {r['precision']:<13} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
               f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f}")
     print(f"saved {args.out}")
     ray.shutdown()

@@ -127,6 +127,8 @@ def _check_learner(cfg: DictConfig) -> None:
     _one_of(learner.backend, LEARNER_BACKENDS, "learner.backend")
     _one_of(learner.dtype, ("float32", "bfloat16"), "learner.dtype")
     _check(learner.backend == "deepspeed" or learner.dtype == "float32", "learner.backend=ddp trains in float32 only")
+    _check(not learner.autocast_bf16 or learner.dtype == "float32",
+           "learner.autocast_bf16 keeps float32 weights: it needs learner.dtype=float32")
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
     _check(learner.num_workers >= 1, "learner.num_workers must be at least 1")
     for section in ("sft", "prm", "dpo"):

@@ -132,6 +132,11 @@ class LearnerConfig:
     torch_threads: Optional[int] = None  # per worker; null = num_cpus_per_worker
     zero_stage: int = 2  # DeepSpeed ZeRO: 1 optimizer states, 2 + gradients, 3 + parameters, sharded
     dtype: str = "float32"  # float32 or bfloat16 (DeepSpeed only; slow on CPU, the choice on GPU)
+    # Mixed precision: float32 weights and optimizer, matrix products in bfloat16 under
+    # torch.autocast. On a CPU with bf16 matrix units (Intel AMX) SFT ran 1.22x the tokens/s of
+    # float32 with about its loss; dtype=bfloat16 ran 1.78x but its loss fell slower
+    # (bench/results/sft_throughput_dtypes.json).
+    autocast_bf16: bool = False
     max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
     fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
 

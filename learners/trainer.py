@@ -111,6 +111,8 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
     if rank == 0 and state:
         print(f"{prefix}: resuming after step {start_step}", flush=True)
     engine.module.train()
+    device = next(engine.module.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=learner["autocast_bf16"])
     for step in range(start_step + 1, total_steps + 1):
         if learner["fail_at_step"] == step and state is None:
             raise RuntimeError(f"injected failure at step {step} (learner.fail_at_step)")
@@ -118,7 +120,8 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
         mine = batch_for_step(step)
         totals: dict[str, float] = {}
         for i in range(0, len(mine), train["micro_batch_size"]):
-            loss, stats = micro_loss(mine[i:i + train["micro_batch_size"]])
+            with autocast:
+                loss, stats = micro_loss(mine[i:i + train["micro_batch_size"]])
             engine.backward(loss)
             engine.step()
             for key, value in stats.items():

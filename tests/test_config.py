@@ -50,6 +50,7 @@ def test_defaults_and_overrides(tmp_path):
     (["mode=critic", "algorithm=inverseprm"], "algorithm=inverseprm needs expert demonstrations: sft.demos="),
     (["mode=train", "init_policy=configs", "critic.reset_fraction=0.5"],
      "critic.reset_fraction > 0 needs expert demonstrations"),
+    (["learner.dtype=bfloat16", "learner.autocast_bf16=true"], "learner.autocast_bf16 keeps float32 weights"),
     (["critic.reset_fraction=1.5"], "critic.reset_fraction must be in [0, 1]"),
     (["eval.best_of_n=4", "critic.best_of_n_temperature=0"], "critic.best_of_n_temperature must be > 0"),
 ])
