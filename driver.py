@@ -213,10 +213,11 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
     if not demos.exists():
         collect_demos(cfg, run_dir)
     policy = run_dir / "sft" / "policy"
-    if not (policy / "config.json").exists():
-        start = time.time()
-        train_sft(cfg, demos, resolve_model(cfg.policy.model), run_dir / "sft")
-        print(f"π0: {policy} ({time.time() - start:.0f} s of training)", flush=True)
+    if not (policy / "config.json").exists():  # (runs from before SFT had a manifest have the policy alone)
+        stage(run_dir / "sft", "sft", lambda: {"policy": str(train_sft(cfg, demos, resolve_model(cfg.policy.model),
+                                                                       run_dir / "sft"))})
+        wall = json.loads((run_dir / "sft" / "manifest.json").read_text())["wall_time_s"]
+        print(f"π0: {policy} ({wall:.0f} s of training)", flush=True)
     return {split: evaluate(cfg, run_dir, split, model=str(policy), name=f"eval_sft_{split}")
             for split in cfg.sft.eval_splits}
 
@@ -235,6 +236,19 @@ def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
     write_json(manifest, {"stage": name, "wall_time_s": round(elapsed(), 1),
                           "finished": datetime.now().isoformat(timespec="seconds"), "result": result})
     return result
+
+
+def stage_walls(run_dir: Path) -> dict[str, float]:
+    """Seconds each finished stage of a run took (summed over resumes), in the order they
+    finished: the manifests', and the reports' of the demonstrations and π0's evaluations."""
+    records = list(run_dir.rglob("manifest.json")) + [
+        p for p in (run_dir / "demos.json", *run_dir.glob("eval_sft_*.json")) if p.exists()]
+    walls = {}
+    for path in sorted(records, key=lambda p: p.stat().st_mtime_ns):
+        record = json.loads(path.read_text())
+        name = str(path.parent.relative_to(run_dir)) if path.name == "manifest.json" else path.stem
+        walls[name] = record["wall_time_s"]
+    return walls
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -458,7 +472,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
                "success_rate": {f"pi{i}": s for i, s in enumerate(success)},
                "best_of_n": {"n": cfg.eval.best_of_n, "success_rate": best_of_n} if best_of_n else None}
+    summary["stage_wall_s"] = stage_walls(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary["stage_wall_s"].items()))
     plot_success(summary["success_rate"], run_dir / "success.png", f"{cfg.algorithm} on {cfg.eval.split}",
                  best_of_n)
     print("success: " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in

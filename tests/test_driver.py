@@ -117,7 +117,7 @@ def test_sft_mode_runs_demos_training_and_evaluation_and_resumes(tiny_model, tmp
     for split in ("eval_out_of_distribution", "eval_in_distribution"):
         report = json.loads((run_dir / f"eval_sft_{split}.json").read_text())
         assert report["split"] == split and report["model"] == str(run_dir / "sft/policy")
-    assert "π0:" in proc.stdout
+    assert "π0:" in proc.stdout and json.loads((run_dir / "sft/manifest.json").read_text())["wall_time_s"] > 0
     # The local Ray's dashboard answers Ray Train's placement-group cleaner (ray.dashboard).
     assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     # Re-running resumes past every finished stage: no demonstrations, no training again.
@@ -197,6 +197,10 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
     run_driver(*args)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["success_rate"]) == ["pi0", "pi1", "pi2"] and (run_dir / "success.png").is_file()
+    walls = summary["stage_wall_s"]  # every stage, in the order they finished
+    assert list(walls) == ["eval_pi0"] + [f"iter_{i}/{s}" for i in (1, 2)
+                                          for s in ("critic", "critic/prm_stage", "dpo", "eval")]
+    assert all(seconds > 0 for seconds in walls.values())
     for i in (1, 2):
         manifest = json.loads((run_dir / f"iter_{i}/dpo/manifest.json").read_text())
         assert manifest["result"]["policy"] == str(run_dir / f"iter_{i}/dpo/policy")
