@@ -9,10 +9,9 @@ bench/results/.sft_demos/) train the embedded SmolLM2-135M with each learner set
 Ray Train jobs of `--workers` CPU workers (`learner.*` and `sft.*` at their defaults
 otherwise), in each of `--precisions` (`learner.dtype` float32 or bfloat16, DeepSpeed's
 bf16 mode; autocast_bf16: float32 weights, bfloat16 matrix products, `learner.autocast_bf16`).
-For each: wall time of
-the whole job (start-up, steps, final checkpoint and export), the steps' mean training
-throughput in tokens/s, first and last loss. Printed and saved as JSON in
-bench/results/sft_throughput.json.
+For each: wall time of the whole job (start-up, steps, final checkpoint and export), the
+steps' mean training throughput in tokens/s, first and last loss. Printed and saved as
+JSON in bench/results/sft_throughput.json.
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/sft_throughput.json"))
     args = parser.parse_args()
     if "ddp" in args.learners and "bfloat16" in args.precisions:
-        parser.error("ddp has no bfloat16 weights: drop it or bfloat16")
+        parser.error("ddp has no bfloat16 weights: drop ddp or the bfloat16 precision")
 
     ray.init(address="local", num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True, object_store_memory=2**30)
