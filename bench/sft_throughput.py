@@ -2,16 +2,17 @@
 
     python -m bench.sft_throughput [--games 8] [--epochs 1] [--workers 2] [--max-steps N]
                                    [--learners deepspeed-zero2 ddp deepspeed-zero1 ...]
-                                   [--precisions float32 bfloat16 autocast_bf16]
+                                   [--precisions float32 bfloat16 autocast_bf16] [--set KEY=VALUE ...]
 
 The expert's demonstrations on the first `--games` train games (collected once into
 bench/results/.sft_demos/) train the embedded SmolLM2-135M with each learner setup, as
 Ray Train jobs of `--workers` CPU workers (`learner.*` and `sft.*` at their defaults
 otherwise), in each of `--precisions` (`learner.dtype` float32 or bfloat16, DeepSpeed's
-bf16 mode; autocast_bf16: float32 weights, bfloat16 matrix products, `learner.autocast_bf16`).
+bf16 mode; autocast_bf16: float32 weights, bfloat16 matrix products, `learner.autocast_bf16`),
+with `--set` overrides on top.
 For each: wall time of the whole job (start-up, steps, final checkpoint and export), the
-steps' mean training throughput in tokens/s, first and last loss. Printed and saved as
-JSON in bench/results/sft_throughput.json.
+steps' mean training throughput in tokens/s, first and last loss, and the largest resident
+memory of a worker over the steps. Printed and saved as JSON in bench/results/sft_throughput.json.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--learners", nargs="+", default=["deepspeed-zero2", "ddp"], choices=list(LEARNERS))
     parser.add_argument("--precisions", nargs="+", default=["float32"], choices=list(PRECISIONS))
     parser.add_argument("--max-steps", type=int, default=None, help="stop each job after this many steps")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every job, e.g. learner.malloc_mmap_threshold_kb=null")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/sft_throughput.json"))
     args = parser.parse_args()
     if "ddp" in args.learners and "bfloat16" in args.precisions:
@@ -64,9 +67,9 @@ def main() -> None:
         demos_run.mkdir(parents=True, exist_ok=True)
         collect_demos(load_config(["mode=demos", *base]), demos_run)
     results = {"machine": machine(torch_threads=1), "model": "smollm2-135m-instruct", "games": args.games,
-               "workers": args.workers, "runs": []}
+               "workers": args.workers, "overrides": args.set, "runs": []}
     for name, precision in ((n, p) for n in args.learners for p in args.precisions):
-        cfg = load_config(["mode=sft", *base, *LEARNERS[name], *PRECISIONS[precision]])
+        cfg = load_config(["mode=sft", *base, *LEARNERS[name], *PRECISIONS[precision], *args.set])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             train_sft(cfg, demos_run / "demos.parquet", resolve_model(cfg.policy.model), Path(tmp))
@@ -76,14 +79,15 @@ def main() -> None:
         results["runs"].append({"learner": name, "precision": precision, "steps": len(steps),
                                 "batch_size": cfg.sft.batch_size,
                                 "wall_s": round(wall, 1), "tokens_per_s": round(rate, 1),
-                                "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4)})
+                                "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4),
+                                "max_rss_gb": round(max(s["max_rss_gb"] for s in steps), 2)})
         print(results["runs"][-1], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # written as each learner completes
     print(f"\n{'learner':<16} {'precision':<13} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} "
-          f"{'loss last':>10}")
+          f"{'loss last':>10} {'max RSS GB':>10}")
     for r in results["runs"]:
         print(f"{r['learner']:<16} {r['precision']:<13} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f}")
+              f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f} {r['max_rss_gb']:>10.2f}")
     print(f"saved {args.out}")
     ray.shutdown()
 

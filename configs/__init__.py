@@ -131,6 +131,8 @@ def _check_learner(cfg: DictConfig) -> None:
            "learner.autocast_bf16 keeps float32 weights: it needs learner.dtype=float32")
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3")
     _check(learner.num_workers >= 1, "learner.num_workers must be at least 1")
+    _check(learner.malloc_mmap_threshold_kb is None or 1 <= learner.malloc_mmap_threshold_kb <= 32768,
+           "learner.malloc_mmap_threshold_kb must be null or 1..32768 (glibc's largest threshold is 32 MiB)")
     for section in ("sft", "prm", "dpo"):
         _check_training(cfg, section)
     _check(cfg.dpo.beta > 0 and cfg.dpo.temperature > 0, "dpo.beta and dpo.temperature must be > 0")
@@ -239,7 +241,8 @@ PLACEMENT_KEYS = ("ray.", "rollout.num_workers", "rollout.envs_per_worker", "rol
                   "policy.num_gpus", "policy.resources", "policy.openai_port", "policy.vllm.kv_cache_gb",
                   "prm_service.replicas", "prm_service.num_cpus", "prm_service.torch_threads",
                   "prm_service.num_gpus", "prm_service.resources", "learner.num_cpus_per_worker",
-                  "learner.resources_per_worker", "learner.torch_threads", "learner.max_failures")
+                  "learner.resources_per_worker", "learner.torch_threads", "learner.max_failures",
+                  "learner.malloc_mmap_threshold_kb")
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:

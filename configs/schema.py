@@ -137,6 +137,12 @@ class LearnerConfig:
     # float32 with about its loss; dtype=bfloat16 ran 1.78x but its loss fell slower
     # (bench/results/sft_throughput_dtypes.json).
     autocast_bf16: bool = False
+    # glibc keeps freed blocks below its mmap threshold in its heaps, and raises that threshold
+    # (to as much as 32 MiB) as large blocks are freed: the activations of steps of varying
+    # lengths then stay resident, scattered. A fixed threshold maps each block of at least this
+    # many KiB on its own and gives it back when freed (one ZeRO-2 SmolLM2 process: 5.25 GB
+    # resident after 6 steps at glibc's default, 2.87 GB at 128). null: glibc's default.
+    malloc_mmap_threshold_kb: Optional[int] = 128
     max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
     fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
 

@@ -14,6 +14,7 @@ compile C++ ops first); on GPU, on NCCL.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,28 @@ class TrainEngine(Protocol):
     def load(self, folder: Path) -> None: ...
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+
+def use_environment_extensions_dir() -> str:
+    """Point torch's C++ extension builds (DeepSpeed's CPU ops) at a folder of this Python
+    environment, unless TORCH_EXTENSIONS_DIR is set: environments with other torch builds
+    sharing one folder rebuild the ops in turn. Set-up builds them here once, so learner
+    workers load them rather than race to compile them."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory collective op into this environment's folder
+    (a no-op when it is built). A build killed midway leaves its lock file behind, and every
+    later build would wait on it forever: a stale lock is removed first."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_environment_extensions_dir()
+    Path(_get_build_directory("deepspeed_shm_comm", False), "lock").unlink(missing_ok=True)
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
 
 
 def make_train_engine(backend: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,

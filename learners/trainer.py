@@ -15,11 +15,12 @@ command runs again, the loop resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from learners.data import epoch_order
-from learners.engines import TrainEngine, make_train_engine
+from learners.engines import TrainEngine, make_train_engine, use_environment_extensions_dir
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 
 # A micro-batch's loss and the numbers to log about it. "tokens" is summed into tokens/s;
 # the other numbers are averaged over the step's micro-batches on all workers.
@@ -65,10 +68,19 @@ def init_worker(seed: int, learner: dict) -> torch.device:
     """Seed and size this worker's torch; its device (cuda:<local rank> on GPU workers, else cpu)."""
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, learner["torch_threads"] or int(learner["num_cpus_per_worker"])))
-    # DeepSpeed compiles its CPU ops on first use; one build folder per Python environment,
-    # or environments with other torch builds would rebuild them in turn on every start.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    use_environment_extensions_dir()  # DeepSpeed's CPU ops, built by set-up
+    fix_malloc_mmap_threshold(learner["malloc_mmap_threshold_kb"])
     return ray.train.torch.get_device()
+
+
+def fix_malloc_mmap_threshold(kib: Optional[int]) -> None:
+    """Fix glibc's mmap threshold at `kib` KiB (None: leave glibc's dynamic one), so that freed
+    activations go back to the system instead of staying resident between steps
+    (`learner.malloc_mmap_threshold_kb`). A no-op where the C library is not glibc."""
+    if kib is None or platform.libc_ver()[0] != "glibc":
+        return
+    if not ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, kib * 1024):
+        raise ValueError(f"glibc refused an mmap threshold of {kib} KiB")
 
 
 def count_steps(train: dict, num_examples: int) -> int:
@@ -128,11 +140,13 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
                 totals[key] = totals.get(key, 0.0) + value
         summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=loss.device)
         dist.all_reduce(summed)
+        rss = torch.tensor([resident_memory_gb()], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         micro_batches = world * math.ceil(len(mine) / train["micro_batch_size"])
         values = dict(zip(totals, summed.tolist()))
         tokens = values.pop("tokens", 0.0)
         metrics = {key: value / micro_batches for key, value in values.items()}
-        metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started))
+        metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started), max_rss_gb=rss.item())
         if log:
             log.log(step, metrics)
         if after_step:
@@ -141,6 +155,12 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
             save_checkpoint(engine, {"step": step}, metrics)
     if log:
         log.close()
+
+
+def resident_memory_gb() -> float:
+    """This process's resident memory now, in GB: what a learner takes of the machine's memory."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def step_batch(examples: list, step: int, batch_size: int, seed: int) -> list:

@@ -35,10 +35,8 @@ fi
 "$py" -m envs.data --prepare
 "$py" -m policy_server.models --prepare
 # DeepSpeed on CPU compiles its shared-memory collective op the first time a learner starts.
-# Build it here, once, rather than inside a training job whose workers race for it; a build
-# killed midway leaves its lock file behind, and every later build would wait on it forever.
+# Build it here, once, into the folder the learners load it from, rather than inside a
+# training job whose workers race for it.
 if "$py" -c "import sys, torch; sys.exit(1 if torch.cuda.is_available() else 0)"; then
-    ext="$("$py" -c "from torch.utils.cpp_extension import _get_build_directory as d; print(d('deepspeed_shm_comm', False))")"
-    rm -f "$ext/lock"
-    DS_ACCELERATOR=cpu "$py" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+    "$py" -c "from learners.engines import build_cpu_ops; build_cpu_ops()"
 fi

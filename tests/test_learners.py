@@ -198,3 +198,49 @@ def test_deepspeed_export_does_not_drag_the_flat_parameter_buffer():
         dist.destroy_process_group()
     assert torch.equal(state["weight"], model.weight) and torch.equal(state["bias"], model.bias)
     assert len(pickle.dumps(state)) < 10_000 < len(pickle.dumps(model.state_dict()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed's CPU ops are built on CPU machines only")
+def test_cpu_ops_build_in_the_environments_folder_past_a_stale_lock():
+    """Set-up's build lands where learner workers load it from (this environment's folder, not
+    torch's shared default), and a lock left by a build killed midway does not hang it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    folder = Path(sys.prefix, "torch_extensions", "deepspeed_shm_comm")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lock").touch()  # what a killed build leaves behind
+    script = ("from learners.engines import build_cpu_ops, use_environment_extensions_dir; "
+              "build_cpu_ops(); print(use_environment_extensions_dir())")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(folder.parent)
+    assert (folder / "deepspeed_shm_comm.so").is_file() and not (folder / "lock").exists()
+
+
+def test_a_fixed_mmap_threshold_gives_freed_activations_back():
+    """Tensors of 1-7 MiB freed around a few survivors, three times over, as activations of
+    steps of varying lengths are: with the learners' fixed threshold the process's resident
+    memory returns to where it was, plus the survivors."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from learners.trainer import fix_malloc_mmap_threshold, resident_memory_gb
+fix_malloc_mmap_threshold(128)
+torch.ones(1)
+before, kept = resident_memory_gb(), []
+for _ in range(3):
+    tensors = [torch.ones(256 * 1024 * (1 + i % 7)) for i in range(200)]  # 1-7 MiB each, 0.8 GB
+    kept += tensors[::50]
+    del tensors
+print(resident_memory_gb() - before, sum(t.numel() * 4 for t in kept) / 1e9)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, kept = map(float, done.stdout.split())
+    assert grown < kept + 0.1  # at glibc's default threshold: about 0.86 GB more
