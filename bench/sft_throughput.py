@@ -11,8 +11,8 @@ otherwise), in each of `--precisions` (`learner.dtype` float32 or bfloat16, Deep
 bf16 mode; autocast_bf16: float32 weights, bfloat16 matrix products, `learner.autocast_bf16`),
 with `--set` overrides on top.
 For each: wall time of the whole job (start-up, steps, final checkpoint and export), the
-steps' mean training throughput in tokens/s, first and last loss, and the largest resident
-memory of a worker over the steps. Printed and saved as JSON in bench/results/sft_throughput.json.
+steps' mean training throughput in tokens/s, first and last loss, and the peak resident
+memory of the largest worker. Printed and saved as JSON in bench/results/sft_throughput.json.
 """
 from __future__ import annotations
 
@@ -80,14 +80,14 @@ def main() -> None:
                                 "batch_size": cfg.sft.batch_size,
                                 "wall_s": round(wall, 1), "tokens_per_s": round(rate, 1),
                                 "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4),
-                                "max_rss_gb": round(max(s["max_rss_gb"] for s in steps), 2)})
+                                "peak_rss_gb": round(steps[-1]["peak_rss_gb"], 2)})
         print(results["runs"][-1], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # written as each learner completes
     print(f"\n{'learner':<16} {'precision':<13} {'steps':>5} {'wall s':>8} {'tokens/s':>9} {'loss first':>11} "
-          f"{'loss last':>10} {'max RSS GB':>10}")
+          f"{'loss last':>10} {'peak RSS GB':>11}")
     for r in results["runs"]:
         print(f"{r['learner']:<16} {r['precision']:<13} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f} {r['max_rss_gb']:>10.2f}")
+              f"{r['loss_first']:>11.4f} {r['loss_last']:>10.4f} {r['peak_rss_gb']:>11.2f}")
     print(f"saved {args.out}")
     ray.shutdown()
 

@@ -140,9 +140,10 @@ class LearnerConfig:
     # glibc keeps freed blocks below its mmap threshold in its heaps, and raises that threshold
     # (to as much as 32 MiB) as large blocks are freed: the activations of steps of varying
     # lengths then stay resident, scattered. A fixed threshold maps each block of at least this
-    # many KiB on its own and gives it back when freed (one ZeRO-2 SmolLM2 process: 5.25 GB
-    # resident after 6 steps at glibc's default, 2.87 GB at 128). null: glibc's default.
-    malloc_mmap_threshold_kb: Optional[int] = 128
+    # many KiB on its own and gives it back when freed: at 128, SFT's workers peaked at 4.15 GB
+    # instead of 5.86 (2.8 instead of 4.5 after a step), at 0.88-0.92x the tokens/s
+    # (bench/results/sft_memory_mmap_*.json). null: glibc's own dynamic threshold, faster.
+    malloc_mmap_threshold_kb: Optional[int] = None
     max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
     fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
 

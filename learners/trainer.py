@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -140,13 +141,13 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
                 totals[key] = totals.get(key, 0.0) + value
         summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=loss.device)
         dist.all_reduce(summed)
-        rss = torch.tensor([resident_memory_gb()], dtype=torch.float64, device=loss.device)
-        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        peak_rss = torch.tensor([peak_resident_memory_gb()], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
         micro_batches = world * math.ceil(len(mine) / train["micro_batch_size"])
         values = dict(zip(totals, summed.tolist()))
         tokens = values.pop("tokens", 0.0)
         metrics = {key: value / micro_batches for key, value in values.items()}
-        metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started), max_rss_gb=rss.item())
+        metrics.update(lr=lr, tokens_per_s=tokens / (time.perf_counter() - started), peak_rss_gb=peak_rss.item())
         if log:
             log.log(step, metrics)
         if after_step:
@@ -157,10 +158,10 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
         log.close()
 
 
-def resident_memory_gb() -> float:
-    """This process's resident memory now, in GB: what a learner takes of the machine's memory."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def peak_resident_memory_gb() -> float:
+    """The most resident memory this process has held so far, in GB (what a machine's memory
+    limit is sized against)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 def step_batch(examples: list, step: int, batch_size: int, seed: int) -> list:

@@ -229,16 +229,21 @@ def test_a_fixed_mmap_threshold_gives_freed_activations_back():
     import sys
 
     script = """
-import sys, torch
-from learners.trainer import fix_malloc_mmap_threshold, resident_memory_gb
+import os, torch
+from learners.trainer import fix_malloc_mmap_threshold
+
+def resident_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
 fix_malloc_mmap_threshold(128)
 torch.ones(1)
-before, kept = resident_memory_gb(), []
+before, kept = resident_gb(), []
 for _ in range(3):
     tensors = [torch.ones(256 * 1024 * (1 + i % 7)) for i in range(200)]  # 1-7 MiB each, 0.8 GB
     kept += tensors[::50]
     del tensors
-print(resident_memory_gb() - before, sum(t.numel() * 4 for t in kept) / 1e9)
+print(resident_gb() - before, sum(t.numel() * 4 for t in kept) / 1e9)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
