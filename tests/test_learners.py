@@ -215,10 +215,14 @@ def test_cpu_ops_build_in_the_environments_folder_past_a_stale_lock():
     (folder / "lock").touch()  # what a killed build leaves behind
     script = ("from learners.engines import build_cpu_ops, use_environment_extensions_dir; "
               "build_cpu_ops(); print(use_environment_extensions_dir())")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        lock_left = (folder / "lock").exists()
+        (folder / "lock").unlink(missing_ok=True)  # else every later learner in this environment would wait on it
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(folder.parent)
-    assert (folder / "deepspeed_shm_comm.so").is_file() and not (folder / "lock").exists()
+    assert (folder / "deepspeed_shm_comm.so").is_file() and not lock_left
 
 
 def test_a_fixed_mmap_threshold_gives_freed_activations_back():
@@ -248,4 +252,4 @@ print(resident_gb() - before, sum(t.numel() * 4 for t in kept) / 1e9)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     grown, kept = map(float, done.stdout.split())
-    assert grown < kept + 0.1  # at glibc's default threshold: about 0.86 GB more
+    assert grown < kept + 0.1  # at glibc's default threshold: 0.65-0.86 GB more
