@@ -53,6 +53,7 @@ from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_succes
                      plot_target_histogram)
 from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, missing_episodes,  # noqa: E402
                              read_steps, run_episodes, start_rollout_workers, summarize)
+from rollout_workers.demonstrations import demonstration_store  # noqa: E402
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -190,12 +191,16 @@ def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: st
 
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
-    """The handcoded expert on the demos split; its winning episodes become demos.parquet."""
-    steps, report = play(cfg, run_dir / "demos", cfg.demos.split, cfg.demos.num_games, "expert", 1)
+    """The handcoded expert on `demos.num_games` games of the demos split, played into the
+    demonstration store (only the games it lacks); the winning episodes become the run's
+    demos.parquet."""
+    store = demonstration_store(resolve_data_root(cfg.data.archive), cfg.demos.split, cfg.env.max_steps,
+                                cfg.demos.store)
+    steps, report = play(cfg, store, cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
     demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
     pq.write_table(demos, run_dir / "demos.parquet")
-    report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows)
+    report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows, store=str(store.parent))
     (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     print(f"demonstrations: {len(won_episodes)} winning episodes, {demos.num_rows} steps -> {run_dir / 'demos.parquet'}")

@@ -1,7 +1,8 @@
-"""The policy's view of a game state and the format of its answer, shared by every stage.
+"""The policy's instructions, the format of its answer, and the windowed state.
 
-A state is rendered as one user message (task, recent history, current observation,
-admissible commands) inside the model's chat template. The model answers
+`agent.episode` builds the policy's state (the whole episode as one conversation by
+default); `prompt.state=window` renders it as one user message (task, recent history,
+current observation, admissible commands) here. The model answers
     REASON: <optional short thought>
     ACTION: <command>
 SFT targets, the PRM's inputs and DPO pairs all use exactly these strings.
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 SYSTEM_PROMPT = (
     "You are an agent in a household text game. Complete the task by sending one command per turn. "
-    "Choose the command from the admissible commands. Answer in the format:\n"
+    "Answer in the format:\n"
     "REASON: <one short sentence>\nACTION: <command>"
 )
 # Chat templates that print a date (Llama 3.2's "Today Date:") get this one, so a state renders

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from configs.schema import (AGENTS, ALGORITHMS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES,
-                            PRM_LOSSES, SPLITS, WEIGHT_TRANSFERS, Config)
+                            PRM_LOSSES, PROMPT_STATES, SPLITS, WEIGHT_TRANSFERS, Config)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CONFIG_DIR.parent
@@ -95,6 +95,13 @@ def validate(cfg: DictConfig) -> None:
         n = OmegaConf.select(cfg, key)
         _check(n is None or n >= 1, f"{key} must be at least 1 (or null for all games)")
     _check(cfg.prompt.history_turns >= 0, "prompt.history_turns must be >= 0")
+    _one_of(cfg.prompt.state, PROMPT_STATES, "prompt.state")
+    _check(cfg.prompt.max_context_tokens > 2 * cfg.policy.max_new_tokens,
+           "prompt.max_context_tokens must be more than twice policy.max_new_tokens")
+    if cfg.policy.engine == "vllm":
+        _check(cfg.policy.vllm.max_model_len >= cfg.prompt.max_context_tokens,
+               f"policy.vllm.max_model_len ({cfg.policy.vllm.max_model_len}) must be at least "
+               f"prompt.max_context_tokens ({cfg.prompt.max_context_tokens})")
     _check(cfg.policy.temperature >= 0, "policy.temperature must be >= 0")
     _check(0 < cfg.policy.top_p <= 1, "policy.top_p must be in (0, 1]")
     _check(cfg.rollout.num_cpus >= 0 and cfg.policy.num_cpus >= 0, "num_cpus must be >= 0")
@@ -236,7 +243,7 @@ def _check_vllm(policy: DictConfig, mode: str) -> None:
 # Keys that say where and how fast the work runs, not what it computes (episodes are seeded
 # per game, not per worker): a run may resume with more workers or another Ray cluster.
 # The learner's world size is not among them: its ZeRO checkpoints are sharded by rank.
-PLACEMENT_KEYS = ("ray.", "rollout.num_workers", "rollout.envs_per_worker", "rollout.num_cpus",
+PLACEMENT_KEYS = ("ray.", "demos.store", "rollout.num_workers", "rollout.envs_per_worker", "rollout.num_cpus",
                   "rollout.resources", "policy.replicas", "policy.num_cpus", "policy.torch_threads",
                   "policy.num_gpus", "policy.resources", "policy.openai_port", "policy.vllm.kv_cache_gb",
                   "prm_service.replicas", "prm_service.num_cpus", "prm_service.torch_threads",

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 MODES = ("eval", "demos", "sft", "critic", "train")
+PROMPT_STATES = ("episode", "window")
 ALGORITHMS = ("agentprm", "inverseprm")
-SPLITS = ("train", "eval_in_distribution", "eval_out_of_distribution")
+SPLITS = ("train", "train_held_out", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
 ENGINES = ("hf", "vllm")
 WEIGHT_TRANSFERS = ("local_file", "nccl")
@@ -25,8 +26,10 @@ DISCOUNTS = ("to_go", "from_start")
 @dataclass
 class DataConfig:
     # ALFWorld games: $ALFWORLD_DATA wins if set; otherwise this archive (relative to the
-    # repository root) is unpacked once into the cache folder.
-    archive: str = "../shared/alfworld/alfworld-games-json_2.1.1.tar.xz"
+    # repository root) is unpacked once into the cache folder, in a folder of its own.
+    # Splits: train (3,553 games), train_held_out (200 train-distribution games ALFWorld
+    # calls valid_train), eval_in_distribution (140), eval_out_of_distribution (134).
+    archive: str = "../shared/alfworld/alfworld-data-json_2.1.1-full.tar.xz"
 
 
 @dataclass
@@ -36,9 +39,20 @@ class EnvConfig:
 
 @dataclass
 class PromptConfig:
-    # At most this many (action, observation) turns of recent history are shown to the policy.
-    # The window drops its oldest half at once (5 to 8 turns shown for 8), so most prompts of an
-    # episode extend the previous one and the policy server's prefix cache skips their history.
+    """The policy's state (agent/episode.py)."""
+    # episode: the whole episode as one conversation (system, a user turn with the task and
+    # the room description, then the policy's responses and the game's answers), built in
+    # token ids that each step extends; window: one user message with the task, the last
+    # `history_turns` turns, the observation and the admissible commands, rendered anew each step.
+    state: str = "episode"
+    # episode: each user turn also lists the commands the game accepts now.
+    admissible_commands: bool = False
+    # episode: the context rule restarts the conversation (task, room description, places
+    # visited, the latest turns) when a prompt and a response of policy.max_new_tokens tokens
+    # would pass this many tokens (SmolLM2's context: 8,192).
+    max_context_tokens: int = 8192
+    # window: at most this many (action, observation) turns are shown; the window drops its
+    # oldest half at once, so most prompts of an episode extend the previous one.
     history_turns: int = 8
 
 
@@ -48,7 +62,7 @@ class VLLMConfig:
     tensor_parallel_size: int = 1  # GPUs per replica; set policy.num_gpus to the same number
     gpu_memory_utilization: float = 0.5  # share of each GPU for weights + KV cache (learners use the rest)
     kv_cache_gb: int = 2  # CPU builds only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
-    max_model_len: int = 2048  # prompt + response tokens
+    max_model_len: int = 8192  # prompt + response tokens: at least prompt.max_context_tokens
     enable_prefix_caching: bool = True  # an episode's prompts share the task and earlier turns
     enforce_eager: bool = True  # no graph capture: starts in seconds; false decodes faster on GPU
     # How new weights reach the engine: local_file (the policy server writes them as a
@@ -115,7 +129,11 @@ class EvalConfig:
 
 @dataclass
 class DemosConfig:
+    """The handcoded expert's demonstrations, kept in a store in the cache and reused by every
+    later run (rollout_workers/demonstrations.py)."""
     split: str = "train"
+    # The folder of demonstration stores (shared storage on a cluster); null = <cache>/demonstrations.
+    store: Optional[str] = None
     # N games of the split, picked as eval.num_games picks them (the same games as
     # critic.num_games = N); null = all.
     num_games: Optional[int] = None
@@ -165,6 +183,9 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """π0: SFT on whole demonstration episodes (one sequence each under prompt.state=episode;
+    a micro-batch packs micro_batch_size of them in one row)."""
+    max_seq_len: int = 8192  # longer sequences are dropped (and counted)
     # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
     demos: Optional[str] = None
     # π0 is evaluated on these splits right after training (eval.num_games of each).

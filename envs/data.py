@@ -1,13 +1,18 @@
 """ALFWorld games on disk: where they are, which splits exist, what task each game is.
 
 Layout (what `alfworld-download` writes, and what the shipped archive unpacks to):
-    $ALFWORLD_DATA/json_2.1.1/{train,valid_seen,valid_unseen}/<task>/<trial>/game.tw-pddl
+    $ALFWORLD_DATA/json_2.1.1/{train,valid_train,valid_seen,valid_unseen}/<task>/<trial>/game.tw-pddl
 Games are filtered exactly as alfworld's AlfredTWEnv does, and returned sorted.
+
+An archive is unpacked into a cache folder named after its content (sha256): another
+archive, or a changed one, gets a folder of its own and is never read from an old one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import zlib
@@ -18,7 +23,8 @@ from pathlib import Path
 from configs import REPO_ROOT, cache_dir
 
 SPLIT_DIRS = {
-    "train": "train",
+    "train": "train",  # the paper's training games (3,553 in the full data set)
+    "train_held_out": "valid_train",  # train-distribution games held out of `train` (200)
     "eval_in_distribution": "valid_seen",
     "eval_out_of_distribution": "valid_unseen",
 }
@@ -45,14 +51,12 @@ class Game:
 
 
 def resolve_data_root(archive: str, check_only: bool = False) -> Path:
-    """The ALFWorld data folder: $ALFWORLD_DATA, else the archive unpacked once into the cache."""
+    """The ALFWorld data folder: $ALFWORLD_DATA, else the archive unpacked once into the cache
+    (`alfworld-data-<first 16 hex digits of the archive's sha256>`)."""
     if os.environ.get("ALFWORLD_DATA"):
         root = Path(os.environ["ALFWORLD_DATA"]).expanduser()
         if not (root / "json_2.1.1").is_dir():
             raise DataError(f"ALFWORLD_DATA={root} has no json_2.1.1/ folder: run `alfworld-download` or unset it")
-        return root
-    root = cache_dir() / "alfworld-data"
-    if (root / "json_2.1.1").is_dir():
         return root
     archive_path = Path(archive) if Path(archive).is_absolute() else REPO_ROOT / archive
     if not archive_path.is_file():
@@ -60,17 +64,44 @@ def resolve_data_root(archive: str, check_only: bool = False) -> Path:
             f"no ALFWorld games: set $ALFWORLD_DATA (fill it with `alfworld-download`) "
             f"or point data.archive at the games archive (not found: {archive_path})"
         )
-    if check_only:
+    root = cache_dir() / f"alfworld-data-{archive_digest(archive_path)[:16]}"
+    if (root / "json_2.1.1").is_dir() or check_only:
         return root
-    tmp = root.with_name(root.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive_path) as tar:
-        tar.extractall(tmp, filter="data")
+    tmp = root.with_name(root.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive_path) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"the games archive {archive_path} cannot be unpacked ({type(e).__name__}: {e})") from None
     inner = tmp / "alfworld-data"  # the archive holds one top folder
-    (inner if inner.is_dir() else tmp).rename(root)
-    if tmp.exists():
-        tmp.rmdir()
+    data = inner if inner.is_dir() else tmp
+    if not (data / "json_2.1.1").is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"the games archive {archive_path} holds no json_2.1.1/ folder")
+    data.rename(root)
+    shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def data_fingerprint(root: Path) -> str:
+    """16 hex digits that name a data folder: an unpacked archive's digest, else a hash of
+    the folder's path ($ALFWORLD_DATA)."""
+    prefix = "alfworld-data-"
+    if root.name.startswith(prefix) and root.parent == cache_dir():
+        return root.name[len(prefix):]
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def archive_digest(path: Path) -> str:
+    """sha256 of a file (the 10 MB games archive hashes in a few tens of milliseconds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_games(split: str, root: Path) -> list[Game]:

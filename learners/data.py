@@ -1,20 +1,25 @@
-"""Supervised examples for the policy: (prompt, response) pairs, tokenized with a loss mask.
+"""Supervised examples for the policy, tokenized with a loss mask on the policy's own turns.
 
-The prompt is exactly what the policy server fed the model (chat template applied, ending
-with the assistant header) and is tokenized on its own, as the server does at inference;
-the response is followed by the end-of-turn token, so the model learns to stop (unless it
-was cut off at the sampling limit: DPO's samples are learnt as they were generated).
-Only response tokens count in the loss.
+SFT learns whole episodes: one token sequence per episode (`episode_sequences`), built by
+the same `agent.episode` context the rollout workers build, with the loss on every assistant
+turn (the response and its end-of-turn token) and nowhere else. Several episodes share a
+micro-batch packed end to end in one row (`pack`), each attending only to itself.
+
+DPO learns (prompt, response) pairs: the prompt is exactly what the policy server fed the
+model and is tokenized on its own, as the server does; the response is followed by the
+end-of-turn token unless it was cut off at the sampling limit.
 """
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
 
 from agent import encode_turn
+from agent.episode import ChatFormat, new_context
 
 IGNORE = -100  # label of tokens outside the loss
 
@@ -36,9 +41,50 @@ class TokenizedExample:
         return sum(label != IGNORE for label in self.labels)
 
 
-def examples_from_steps(steps: pa.Table) -> list[SFTExample]:
-    """Every step of the given step records (e.g. the expert's winning episodes), in table order."""
-    return [SFTExample(p, r) for p, r in zip(steps["prompt"].to_pylist(), steps["response"].to_pylist())]
+def episode_sequences(steps: pa.Table, chat: ChatFormat, prompt: dict, max_new_tokens: int
+                      ) -> tuple[list[TokenizedExample], int]:
+    """Each episode of the step records (e.g. the expert's winning ones) as the sequence the
+    policy would have held while playing it under `prompt` (the config's prompt section):
+    a new sequence wherever the context starts anew (every step for prompt.state=window, a
+    restart of the context rule). Also returns how many restarts the context rule made."""
+    episodes: dict[str, list[dict]] = defaultdict(list)
+    columns = ["episode_id", "step", "task", "room", "admissible_commands", "response", "action", "observation"]
+    for row in steps.select(columns).to_pylist():
+        episodes[row["episode_id"]].append(row)
+    sequences, restarts = [], 0
+    for episode_id in sorted(episodes):
+        rows = sorted(episodes[episode_id], key=lambda r: r["step"])
+        if rows[0]["step"] != 0:
+            raise ValueError(f"episode {episode_id} starts at step {rows[0]['step']}: only whole episodes "
+                             "can be rebuilt from their text")
+        context = new_context(chat, prompt, rows[0]["task"], rows[0]["room"], rows[0]["admissible_commands"],
+                              max_new_tokens)
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, row in enumerate(rows):
+            fed = context.next_input()
+            if fed.reset and ids:
+                sequences.append(TokenizedExample(ids, labels))
+                ids, labels = [], []
+            response = chat.response(row["response"])
+            ids += fed.new_ids + response
+            labels += [IGNORE] * len(fed.new_ids) + response
+            if i + 1 < len(rows):
+                context.advance(response, row["action"], row["observation"], rows[i + 1]["admissible_commands"])
+        sequences.append(TokenizedExample(ids, labels))
+        restarts += context.resets
+    return sequences, restarts
+
+
+def pack(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    """The sequences end to end in one row, without padding: input_ids, labels and
+    position_ids that restart at 0 with each sequence. From those restarts transformers
+    builds a block-diagonal causal mask, so each sequence attends only to itself."""
+    ids = [i for e in batch for i in e.input_ids]
+    labels = [label for e in batch for label in e.labels]
+    positions = [p for e in batch for p in range(len(e.input_ids))]
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}
 
 
 def tokenize(tokenizer, example: SFTExample) -> TokenizedExample:
@@ -69,14 +115,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
 
 def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the tokens that follow each kept position, [rows, kept], and the
-    mask of those that are response tokens (labels != IGNORE). The model computes logits only
+    mask of those that are response tokens (labels != IGNORE). A batch is padded
+    (`collate`: attention_mask) or packed (`pack`: position_ids). The model computes logits only
     at the positions that predict a response token (in any row): over a whole prompt,
     [rows, length, vocabulary] logits would take most of the memory, and the LM head over
     ~500 prompt positions a fifth of the compute."""
     labels = batch["labels"]
     keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()[:, 0]  # logits at t predict the token at t + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits.float()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    # No KV cache: with one, transformers does not read packed sequences from position_ids.
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
     targets = labels[:, keep + 1]
     token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
     return token_logprobs, targets != IGNORE

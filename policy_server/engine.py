@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 import torch
+
+# A prompt is text (encoded without added special tokens: it is already rendered with the
+# chat template) or token ids, used exactly as given: an episode's context (agent.episode).
+Prompt = Union[str, list[int]]
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,11 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """The ids an engine feeds the model for `prompt`."""
+    return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+
+
 def per_prompt(params: SamplingParams | list[SamplingParams], num_prompts: int) -> list[SamplingParams]:
     """One SamplingParams per prompt, from one for all or a list."""
     params = params if isinstance(params, list) else [params] * num_prompts
@@ -38,9 +47,10 @@ class InferenceEngine(Protocol):
 
     name: str  # "hf" or "vllm"
 
-    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
-        """`params[i].n` generations for prompt i, in prompt order. Prompts are used as is
-        (no special tokens added): they are already rendered with the chat template."""
+    async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[Generation]]:
+        """`params[i].n` generations for prompt i, in prompt order. Token ids are used as
+        given; text is encoded without added special tokens. A generation's `token_ids` are
+        the ids sampled, its end-of-turn token included when it stopped by itself."""
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the model's weights in place (same architecture), without a restart.

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_server.batching import DynamicBatcher
-from policy_server.engine import Generation, SamplingParams, per_prompt
+from policy_server.engine import Generation, Prompt, SamplingParams, per_prompt, prompt_ids
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_BF16_FLAGS = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
@@ -70,7 +70,7 @@ class HFEngine:
         self.model.eval()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[list[Generation]]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> list[list[Generation]]:
         """Sample each prompt's `n` continuations; one prefill per prompt, one batch for all."""
         params = per_prompt(params, len(prompts))
         if not prompts:
@@ -84,10 +84,9 @@ class HFEngine:
         temperature = torch.tensor([p.temperature for p in row_params], device=self.device)
         top_p = torch.tensor([p.top_p for p in row_params], device=self.device)
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        mask = enc.attention_mask
+        input_ids, mask = self._left_padded([prompt_ids(self.tokenizer, p) for p in prompts])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)  # the LM head on the last position only
         cache = out.past_key_values
         expand = torch.tensor(row_prompt, device=self.device)
@@ -129,6 +128,15 @@ class HFEngine:
         for r, i in enumerate(row_prompt):
             grouped[i].append(results[r])
         return grouped
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -172,9 +180,9 @@ class BatchingHFEngine:
         self.tokenizer = engine.tokenizer
         self._batcher = DynamicBatcher(self._run_batch, max_batch_size, batch_wait_ms / 1000,
                                        size=lambda request: sum(p.n for p in request[1]))
-        self._stats = {"requests": 0, "prompts": 0}
+        self._stats = {"requests": 0, "prompts": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}  # no prefix cache
 
-    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
+    async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[Generation]]:
         self._stats["requests"] += 1
         return await self._batcher.submit((prompts, params))
 
@@ -187,9 +195,10 @@ class BatchingHFEngine:
     def shutdown(self) -> None:
         self._batcher.shutdown()
 
-    def _run_batch(self, requests: list[tuple[list[str], list[SamplingParams]]]) -> list[list[list[Generation]]]:
-        prompts = [p for r in requests for p in r[0]]
+    def _run_batch(self, requests: list[tuple[list[Prompt], list[SamplingParams]]]) -> list[list[list[Generation]]]:
+        prompts = [prompt_ids(self.tokenizer, p) for r in requests for p in r[0]]
         outputs = self.engine.generate(prompts, [p for r in requests for p in r[1]])
         self._stats["prompts"] += len(prompts)
+        self._stats["prompt_tokens"] += sum(len(p) for p in prompts)
         starts = itertools.accumulate([len(r[0]) for r in requests], initial=0)
         return [outputs[start:start + len(r[0])] for start, r in zip(starts, requests)]

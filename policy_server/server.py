@@ -17,7 +17,7 @@ from typing import Any, Optional
 import ray
 import torch
 
-from policy_server.engine import Generation, InferenceEngine, SamplingParams, per_prompt
+from policy_server.engine import Generation, InferenceEngine, Prompt, SamplingParams, per_prompt
 from policy_server.replicas import Replicas
 
 
@@ -70,8 +70,9 @@ class PolicyServer:
         self._broken: str | None = None  # why this replica refuses requests
         self._openai = None
 
-    async def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
-        """`params` is one SamplingParams for all prompts, or one per prompt."""
+    async def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
+        """`params` is one SamplingParams for all prompts, or one per prompt; a prompt is
+        text or token ids (used as given)."""
         params = per_prompt(params, len(prompts))
         await self._accepting.wait()
         if self._broken:
@@ -192,7 +193,7 @@ class PolicyClient(Replicas):
             return self.next_replica()
         return zlib.crc32(session.encode()) % len(self.servers)
 
-    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams],
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
                  session: Optional[str] = None) -> ray.ObjectRef:
         """An ObjectRef of a `GenerateResult` (await it in async code, ray.get it elsewhere)."""
         return self.servers[self.replica_for(session)].generate.remote(prompts, params)

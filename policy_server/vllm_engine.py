@@ -22,7 +22,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from policy_server.engine import Generation, SamplingParams
+from policy_server.engine import Generation, Prompt, SamplingParams, prompt_ids
 from policy_server.vllm_weights import LOCAL_FILE, staged_weights
 
 
@@ -50,29 +50,33 @@ class VLLMEngine:
             **cpu_only,
         )
         self.llm = AsyncLLM.from_engine_args(engine_args)
-        # Prompts are tokenized here, exactly as the transformers engine does (no special tokens
-        # added): they are already rendered with the chat template.
+        # Text prompts are tokenized here, exactly as the transformers engine does (no special
+        # tokens added): they are already rendered with the chat template.
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self._request_ids = itertools.count()
-        self._stats = {"requests": 0, "prompts": 0}
+        # prompt_tokens: ids of the prompts asked for; cached_prompt_tokens: those served from
+        # the prefix cache instead of computed (an episode's history, with prompt.state=episode).
+        self._stats = {"requests": 0, "prompts": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
-    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[list[Generation]]:
+    async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[Generation]]:
         self._stats["requests"] += 1
         self._stats["prompts"] += len(prompts)
         return list(await asyncio.gather(*(self._generate_one(p, sp) for p, sp in zip(prompts, params))))
 
-    async def _generate_one(self, prompt: str, params: SamplingParams) -> list[Generation]:
+    async def _generate_one(self, prompt: Prompt, params: SamplingParams) -> list[Generation]:
         vllm_params = VLLMSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
             stop=list(params.stop) or None, seed=params.seed,
             logprobs=0,  # the sampled token's log-probability, before temperature (vLLM's raw_logprobs)
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = prompt_ids(self.tokenizer, prompt)
         final = None
         async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), vllm_params,
                                               request_id=f"policy-{next(self._request_ids)}"):
             final = output
+        self._stats["prompt_tokens"] += len(ids)
+        self._stats["cached_prompt_tokens"] += final.num_cached_tokens or 0
         return [Generation(text=c.text, token_ids=list(c.token_ids),
                            logprobs=[step[token].logprob for step, token in zip(c.logprobs, c.token_ids)],
                            finish_reason=c.finish_reason or "length")

@@ -9,14 +9,20 @@ from envs import TASK_TYPES
 
 
 def summarize(steps: pa.Table) -> dict:
-    """Success overall and per task type, mean steps and invalid-action rate of the episodes."""
+    """Success overall and per task type, mean steps, invalid-action rate, the share of steps
+    that repeat an earlier step of their episode (the same command, the same answer: loops),
+    and how often the context rule restarted an episode's conversation (agent.episode)."""
     episodes: dict[str, dict] = {}
-    for row in steps.select(["episode_id", "task_type", "step", "valid", "won"]).to_pylist():
+    columns = ["episode_id", "task_type", "step", "action", "observation", "valid", "won", "context_rule"]
+    for row in steps.select(columns).to_pylist():
         ep = episodes.setdefault(row["episode_id"], {"task_type": row["task_type"], "steps": 0, "invalid": 0,
-                                                     "won": False})
+                                                     "won": False, "restarts": 0, "seen": set(), "repeats": 0})
         ep["steps"] += 1
+        ep["repeats"] += (row["action"], row["observation"]) in ep["seen"]
+        ep["seen"].add((row["action"], row["observation"]))
         ep["invalid"] += not row["valid"]
         ep["won"] |= row["won"]
+        ep["restarts"] += bool(row["context_rule"])
     by_type: dict[str, list[bool]] = defaultdict(list)
     for ep in episodes.values():
         by_type[ep["task_type"]].append(ep["won"])
@@ -31,6 +37,9 @@ def summarize(steps: pa.Table) -> dict:
         },
         "mean_steps": total_steps / n if n else 0.0,
         "invalid_action_rate": sum(ep["invalid"] for ep in episodes.values()) / total_steps if total_steps else 0.0,
+        "repeated_step_rate": sum(ep["repeats"] for ep in episodes.values()) / total_steps if total_steps else 0.0,
+        "context_rule_restarts": sum(ep["restarts"] for ep in episodes.values()),
+        "episodes_with_restarts": sum(ep["restarts"] > 0 for ep in episodes.values()),
     }
 
 
@@ -42,6 +51,8 @@ def format_report(report: dict) -> str:
     lines.append(f"{'all':<10} {report['episodes']:>8} {report['success_rate']:>8.1%}")
     facts = {k: report[k] for k in ("split", "games", "max_steps", "seed", "agent", "model") if k in report}
     lines.append(f"mean steps {report['mean_steps']:.1f}, invalid actions {report['invalid_action_rate']:.1%}, "
+                 f"repeated steps {report.get('repeated_step_rate', 0):.1%}, "
+                 f"context-rule restarts {report.get('context_rule_restarts', 0)}, "
                  + ", ".join(f"{k} {v}" for k, v in facts.items()))
     if "wall_time_s" in report:
         lines.append(f"wall time {report['wall_time_s']:.0f} s")

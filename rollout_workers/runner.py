@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import ray
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from policy_server import PolicyClient, SamplingParams
@@ -27,9 +28,10 @@ def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyCl
         max_concurrency=cfg.rollout.envs_per_worker,
         max_restarts=3, max_task_retries=3,  # a crashed worker comes back and replays its episodes
     )
+    prompt = OmegaConf.to_container(cfg.prompt) if isinstance(cfg.prompt, DictConfig) else dict(cfg.prompt)
     return [
         actor.remote(i, cfg.rollout.envs_per_worker, agent, tokenizer_path, cfg.env.max_steps,
-                     cfg.prompt.history_turns, policy, sampling, prm)
+                     prompt, policy, sampling, prm)
         for i in range(cfg.rollout.num_workers)
     ]
 

@@ -3,7 +3,9 @@
 `play(task)` runs one whole episode in a free environment. The actor is async with one
 slot per environment, so while one episode awaits the policy server, the worker steps
 another; episodes of all workers meet in the policy server's batches. An episode's requests
-all go to one replica (its prompts share their history: prefix caching).
+all go to one replica (its prompts share their history: prefix caching). The policy's
+state is built in token ids (`agent.episode`, `prompt.state`): the server is sent ids and
+returns ids, which the step records keep.
 
 With a PRM (Best-of-N), each step samples N responses, merges those that send the same
 command, and plays the one the PRM scores highest.
@@ -11,11 +13,13 @@ command, and plays the one the PRM scores highest.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, replace
 
-from agent import AgentState, command_to_send, format_response, parse_action, render_prompt
+from agent import command_to_send, format_response, parse_action
+from agent.episode import ChatFormat, StepInput, new_context
 from envs import AlfworldEnv, Game
-from policy_server import PolicyClient, SamplingParams
+from policy_server import Generation, PolicyClient, SamplingParams
 from prm_service import PRMClient
 from rollout_workers.records import StepRecord
 
@@ -40,6 +44,7 @@ class EpisodeTask:
 class Action:
     """What the agent sent at one step, and how it was chosen."""
     response: str
+    response_ids: list[int]
     policy_version: int
     candidates: int = 1
     prm_score: float | None = None
@@ -47,19 +52,20 @@ class Action:
 
 class RolloutWorker:
     """Use through `start_rollout_workers`. `agent` is "llm", "expert" or "random"; with `prm`,
-    the llm agent plays Best-of-`sampling.n`."""
+    the llm agent plays Best-of-`sampling.n`. `prompt` is the config's prompt section."""
 
     def __init__(self, worker_id: int, num_envs: int, agent: str, tokenizer_path: str, max_steps: int,
-                 history_turns: int, policy: PolicyClient | None, sampling: SamplingParams | None = None,
+                 prompt: dict, policy: PolicyClient | None, sampling: SamplingParams | None = None,
                  prm: PRMClient | None = None):
         from transformers import AutoTokenizer
 
         self.worker_id = worker_id
         self.agent = agent
-        self.history_turns = history_turns
+        self.prompt = prompt
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.chat = ChatFormat(self.tokenizer)
         self.policy = policy
-        self.sampling = sampling
+        self.sampling = sampling or SamplingParams()
         self.prm = prm
         self._free_envs = [AlfworldEnv(max_steps, with_expert=agent == "expert") for _ in range(num_envs)]
 
@@ -69,57 +75,70 @@ class RolloutWorker:
         rng = random.Random(task.seed)
         try:
             obs = env.reset(task.game)
-            state = AgentState(env.task, obs.text, obs.admissible_commands)
+            room, admissible = obs.text, obs.admissible_commands
+            context = new_context(self.chat, self.prompt, env.task, room, admissible, self.sampling.max_tokens)
             for command in task.reset_actions:
                 obs = env.step(command)
                 if obs.done:
                     raise RuntimeError(f"{task.episode_id}: the game ended within its {len(task.reset_actions)} "
                                        "reset actions")
-                state.advance(command, obs.text, obs.admissible_commands)
+                context.advance(self.chat.response(format_response(command)), command, obs.text,
+                                obs.admissible_commands)
+                admissible = obs.admissible_commands
             steps: list[StepRecord] = []
             while True:
-                prompt = render_prompt(self.tokenizer, state, self.history_turns)
-                act = await self._act(prompt, state, env, task, rng, task.seed + len(steps))
-                step = len(task.reset_actions) + len(steps)
+                restarts = context.resets
+                fed = context.next_input()
+                started = time.perf_counter()
+                act = await self._act(fed, admissible, env, task, rng, task.seed + len(steps))
+                act_seconds = time.perf_counter() - started
                 action = command_to_send(act.response)
-                valid = parse_action(act.response) is not None and action in state.admissible_commands
+                valid = parse_action(act.response) is not None and action in admissible
                 obs = env.step(action)
                 steps.append(StepRecord(
                     game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,
-                    step=step, prompt=prompt, response=act.response, action=action, valid=valid,
+                    step=len(task.reset_actions) + len(steps), task=env.task, room=room,
+                    admissible_commands=admissible, prompt=self.tokenizer.decode(fed.prompt_ids),
+                    prompt_ids=fed.new_ids, context_start=fed.reset, context_rule=context.resets > restarts,
+                    response=act.response, response_ids=act.response_ids, action=action, valid=valid,
                     observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
-                    policy_version=act.policy_version, worker_id=self.worker_id, candidates=act.candidates,
+                    policy_version=act.policy_version, worker_id=self.worker_id, act_seconds=act_seconds,
+                    candidates=act.candidates,
                     prm_score=act.prm_score,
                 ))
                 if obs.done:
                     return steps
-                state.advance(action, obs.text, obs.admissible_commands)
+                context.advance(act.response_ids, action, obs.text, obs.admissible_commands)
+                admissible = obs.admissible_commands
         finally:
             env.close()
             self._free_envs.append(env)
 
-    async def _act(self, prompt: str, state: AgentState, env: AlfworldEnv, task: EpisodeTask,
+    async def _act(self, fed: StepInput, admissible: list[str], env: AlfworldEnv, task: EpisodeTask,
                    rng: random.Random, seed: int) -> Action:
-        if self.agent == "expert":
-            return Action(format_response(env.expert_action()), NOT_THE_POLICY)
-        if self.agent == "random":
-            return Action(format_response(rng.choice(state.admissible_commands)), NOT_THE_POLICY)
-        result = await self.policy.generate([prompt], replace(self.sampling, seed=seed), session=task.episode_id)
-        responses = [g.text for g in result.generations[0]]
+        if self.agent in ("expert", "random"):
+            command = env.expert_action() if self.agent == "expert" else rng.choice(admissible)
+            response = format_response(command)
+            return Action(response, self.chat.response(response), NOT_THE_POLICY)
+        result = await self.policy.generate([fed.prompt_ids], replace(self.sampling, seed=seed),
+                                            session=task.episode_id)
+        samples = result.generations[0]
         if self.prm is None:
-            return Action(responses[0], result.policy_version)
-        return await self._best_of_n(prompt, responses, result.policy_version)
+            return Action(samples[0].text, samples[0].token_ids, result.policy_version)
+        return await self._best_of_n(self.tokenizer.decode(fed.prompt_ids), samples, result.policy_version)
 
-    async def _best_of_n(self, prompt: str, responses: list[str], policy_version: int) -> Action:
+    async def _best_of_n(self, prompt: str, samples: list[Generation], policy_version: int) -> Action:
         """The PRM's argmax among the samples, one per distinct command (the first sample that
         sends it); invalid samples compete too: the PRM has seen such actions fail. When every
         sample sends the same command there is nothing to choose and the PRM is not asked."""
-        by_command: dict[str, str] = {}
-        for response in responses:
-            by_command.setdefault(command_to_send(response), response)
+        by_command: dict[str, Generation] = {}
+        for sample in samples:
+            by_command.setdefault(command_to_send(sample.text), sample)
         candidates = list(by_command.values())
         if len(candidates) == 1:
-            return Action(candidates[0], policy_version)
-        scored = await self.prm.score(prompt, candidates)
+            return Action(candidates[0].text, candidates[0].token_ids, policy_version)
+        scored = await self.prm.score(prompt, [c.text for c in candidates])
         best = max(range(len(candidates)), key=lambda i: scored.scores[i])  # the first of equal scores
-        return Action(candidates[best], policy_version, len(candidates), scored.scores[best])
+        return Action(candidates[best].text, candidates[best].token_ids, policy_version, len(candidates),
+                      scored.scores[best])
+

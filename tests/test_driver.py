@@ -24,13 +24,19 @@ def test_summarize_hand_built_records():
     assert report["per_task_type"] == {"pick": {"episodes": 2, "success_rate": 0.5},
                                        "heat": {"episodes": 1, "success_rate": 1.0}}
     assert report["mean_steps"] == 5 / 3 and report["invalid_action_rate"] == 2 / 5
+    assert report["repeated_step_rate"] == 2 / 5  # g1's second and third steps repeat its first
+    assert report["context_rule_restarts"] == 0  # records written before the column read it as null
     text = format_report({**report, "split": "eval_out_of_distribution", "max_steps": 50, "seed": 0})
     assert "pick" in text and "66.7%" in text and "max_steps 50" in text
 
 
 def run_driver(*args):
-    proc = subprocess.run([sys.executable, "driver.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
+    """The driver in a process of its own; demonstrations go to a store beside the run, not
+    into the user's cache."""
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    store = [f"demos.store={run_dir}-demonstrations"] if not any(a.startswith("demos.store=") for a in args) else []
+    proc = subprocess.run([sys.executable, "driver.py", *args, *store], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -110,6 +116,7 @@ def test_sft_mode_runs_demos_training_and_evaluation_and_resumes(tiny_model, tmp
     args = [f"run_dir={run_dir}", "mode=sft", f"policy.model={tiny_model}", "demos.num_games=2",
             "env.max_steps=20", "rollout.num_workers=1", "rollout.envs_per_worker=2", "policy.max_new_tokens=6",
             "learner.num_workers=2", "sft.batch_size=4", "sft.micro_batch_size=1", "sft.max_steps=2",
+            "sft.epochs=8",  # 2 steps even if the expert won only one of the 2 games
             "sft.eval_splits=[eval_out_of_distribution,eval_in_distribution]", "eval.num_games=1"]
     proc = run_driver(*args)
     assert (run_dir / "demos.parquet").is_file() and (run_dir / "sft/policy/model.safetensors").is_file()
@@ -254,6 +261,7 @@ def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tm
     cfg = OmegaConf.load(run_dir / "config.yaml")
     for episode_id, s in first.items():
         k = driver.reset_steps(cfg, s["game_id"], int(episode_id.split("#")[1]), demonstrations)
-        assert s["step"] == k and all(f"> {c}\n" in s["prompt"] for c in demonstrations.get(s["game_id"], [])[:k])
+        assert s["step"] == k and all(f"ACTION: {c}<|im_end|>" in s["prompt"]
+                                      for c in demonstrations.get(s["game_id"], [])[:k])
     assert len(first) == 4 and max(s["step"] for s in first.values()) >= 1
     assert "expert and" in proc.stdout and (run_dir / "success.png").is_file()

@@ -12,6 +12,10 @@ def test_splits_are_sorted_and_typed(data_root, ood_games):
     assert len(ood_games) == 134  # the paper's evaluation set, in the shipped copy
     assert {g.task_type for g in ood_games} == set(TASK_TYPES.values())
     assert len(list_games("eval_in_distribution", data_root)) == 140
+    assert len(list_games("train_held_out", data_root)) == 200
+    train = list_games("train", data_root)
+    assert len(train) == 3553 and Counter(g.task_type for g in train) == {
+        "pick": 790, "look": 308, "clean": 650, "heat": 459, "cool": 533, "pick_two": 813}
 
 
 def test_a_pick_of_games_spans_the_task_types_in_their_shares(ood_games):
@@ -78,3 +82,32 @@ def test_playing_a_game_leaves_alfworld_data_unset(ood_games):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "None"
+
+
+def small_archive(data_root, path, trials: int):
+    """An archive in alfworld-download's layout with the first `trials` games of each split."""
+    import tarfile
+
+    with tarfile.open(path, "w:xz") as tar:
+        for split in ("train", "valid_train", "valid_seen", "valid_unseen"):
+            for traj in sorted((data_root / "json_2.1.1" / split).glob("*/*/traj_data.json"))[:trials]:
+                trial = traj.parent
+                tar.add(trial, arcname=f"alfworld-data/{trial.relative_to(data_root)}")
+    return path
+
+
+def test_the_unpacked_games_are_tied_to_their_archive(data_root, tmp_path, monkeypatch):
+    from envs import resolve_data_root
+
+    monkeypatch.setenv("AGENTPRM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    one = small_archive(data_root, tmp_path / "one.tar.xz", 1)
+    root = resolve_data_root(str(one))
+    assert len(list_games("train", root)) == 1 and resolve_data_root(str(one)) == root  # unpacked once
+    two = small_archive(data_root, tmp_path / "one.tar.xz", 2)  # the archive changes in place
+    changed = resolve_data_root(str(two))
+    assert changed != root and len(list_games("train", changed)) == 2  # not the old folder
+    (tmp_path / "bad.tar.xz").write_bytes(one.read_bytes()[:5000])  # cut short
+    with pytest.raises(DataError, match="cannot be unpacked"):
+        resolve_data_root(str(tmp_path / "bad.tar.xz"))
+    assert not list((tmp_path / "cache").glob("*.partial*"))  # nothing half-unpacked is left

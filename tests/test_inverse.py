@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from omegaconf import OmegaConf
 
 from agent import SYSTEM_PROMPT, render_prompt, steer_prompt
 from learners import build_transitions, train_inverse_prm, without_outcome
@@ -145,13 +146,16 @@ def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_p
 
 def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_games):
     game = ood_games[0]
-    expert = asyncio.run(RolloutWorker(0, 1, "expert", tiny_model, max_steps=2, history_turns=8,
+    prompt = OmegaConf.to_container(small_cfg().prompt)
+    expert = asyncio.run(RolloutWorker(0, 1, "expert", tiny_model, max_steps=2, prompt=prompt,
                                        policy=None).play(EpisodeTask(game, 0, seed=1)))
-    worker = RolloutWorker(0, 1, "random", tiny_model, max_steps=4, history_turns=8, policy=None)
+    worker = RolloutWorker(0, 1, "random", tiny_model, max_steps=4, prompt=prompt, policy=None)
     steps = asyncio.run(worker.play(EpisodeTask(game, 0, seed=1, reset_actions=tuple(s.action for s in expert))))
     assert [s.step for s in steps] == [2, 3]  # the step limit counts the reset's steps too
-    # The policy's first state is the one the expert reached: its commands are the history.
-    assert all(f"> {s.action}\n{s.observation}" in steps[0].prompt for s in expert)
+    # The policy's first state is the one the expert reached: its turns are the conversation so far.
+    assert all(f"ACTION: {s.action}<|im_end|>\n<|im_start|>user\n{s.observation}<|im_end|>" in steps[0].prompt
+               for s in expert)
+    assert steps[0].context_start and steps[0].prompt.startswith(expert[0].prompt)
     assert all(s.policy_version == -1 for s in steps)
 
 

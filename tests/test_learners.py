@@ -9,8 +9,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agent import AgentState, format_response, render_prompt
-from envs import AlfworldEnv
+from omegaconf import OmegaConf
+
 from learners import IGNORE, SFTExample, collate, tokenize, train_sft
 from learners.data import response_nll
 from policy_server import SamplingParams, start_policy_servers
@@ -19,26 +19,23 @@ from tests.conftest import small_cfg
 
 @pytest.fixture(scope="module")
 def demos(tiny_model, ood_games, tmp_path_factory):
-    """The expert's first 2 steps in 2 real games, as a demos.parquet of prompts and responses."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    env, rows = AlfworldEnv(max_steps=10, with_expert=True), {"prompt": [], "response": []}
-    for game in ood_games[:2]:
-        obs = env.reset(game)
-        state = AgentState(env.task, obs.text, obs.admissible_commands)
-        for _ in range(2):
-            action = env.expert_action()
-            rows["prompt"].append(render_prompt(tokenizer, state, 8))
-            rows["response"].append(format_response(action))
-            obs = env.step(action)
-            state.advance(action, obs.text, obs.admissible_commands)
-    env.close()
+    """The expert's first 2 steps in 4 real games, as a demos.parquet of step records."""
+    import asyncio
+
+    from omegaconf import OmegaConf
+
+    from rollout_workers import SCHEMA, EpisodeTask, RolloutWorker
+
+    worker = RolloutWorker(0, 1, "expert", tiny_model, max_steps=2, prompt=OmegaConf.to_container(small_cfg().prompt),
+                           policy=None)
+    steps = [s for game in ood_games[:4] for s in asyncio.run(worker.play(EpisodeTask(game, 0, seed=0)))]
     path = tmp_path_factory.mktemp("demos") / "demos.parquet"
-    pq.write_table(pa.table(rows), path)
+    pq.write_table(pa.Table.from_pylist([vars(s) for s in steps], schema=SCHEMA), path)
     return path
 
 
 def sft_cfg(**overrides):
-    # 4 examples, a batch of 4: every step sees the same fixed batch
+    # 4 episodes, a batch of 4: every step sees the same fixed batch
     return small_cfg(**{"learner.num_workers": 2, "sft.batch_size": 4, "sft.micro_batch_size": 1,
                         "sft.lr": 3e-3, "sft.warmup_steps": 1, "sft.epochs": 6, **overrides})
 
@@ -118,17 +115,17 @@ def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(
 
 
 def demo_loss(model_path: str, demos) -> float:
-    """Mean response-token loss of a Hugging Face folder on the demonstrations."""
+    """Mean response-token loss of a Hugging Face folder on the demonstrations' episodes."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learners import collate, examples_from_steps
+    from agent.episode import ChatFormat
+    from learners.data import episode_sequences, pack
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = collate([tokenize(tokenizer, e) for e in examples_from_steps(pq.read_table(demos))],
-                    tokenizer.pad_token_id)
+    sequences, _ = episode_sequences(pq.read_table(demos), ChatFormat(AutoTokenizer.from_pretrained(model_path)),
+                                     OmegaConf.to_container(small_cfg().prompt), max_new_tokens=48)
     with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(model_path)(**batch).loss.item()
+        return response_nll(AutoModelForCausalLM.from_pretrained(model_path), pack(sequences)).item()
 
 
 def test_sft_resumes_from_its_checkpoint_after_a_failure(ray_local, tiny_model, demos, tmp_path):
@@ -165,8 +162,8 @@ def test_sft_under_bf16_autocast_learns_and_keeps_float32_weights(ray_local, tin
     policy_dir = train_sft(sft_cfg(**common, **{"learner.autocast_bf16": True}), demos, tiny_model,
                            tmp_path / "autocast")
     float32, mixed = losses(tmp_path / "float32"), losses(tmp_path / "autocast")
-    # float32 runs agree to 1e-4 (the resume test); bfloat16 products moved it by 3e-3 here
-    assert 1e-3 < abs(mixed[0] / float32[0] - 1) < 0.02
+    # float32 runs agree to 1e-4 (the resume test); bfloat16 products moved it by 9e-4 here
+    assert 3e-4 < abs(mixed[0] / float32[0] - 1) < 0.02
     assert mixed[-1] < 0.7 * mixed[0]
     with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}

@@ -13,6 +13,7 @@ import ray
 from learners import build_dataset, train_prm
 from learners.prm import weighted_auc
 from learners.qtargets import preference_pairs, q_targets, split_games
+from policy_server import Generation
 from prm_service import PRMScorer, ScoreRequest, load_prm, start_prm_servers
 from rollout_workers import SCHEMA, StepRecord
 from rollout_workers.worker import RolloutWorker
@@ -23,9 +24,11 @@ PROMPT = "<|im_start|>user\nYour task is to: put a clean mug in coffeemachine.<|
 
 def episode(game: str, index: int, prompts: list[str], actions: list[str], won: bool) -> list[StepRecord]:
     last = len(actions) - 1
-    return [StepRecord(game_id=game, task_type="pick", episode_id=f"{game}#{index}", step=t, prompt=p,
-                       response=f"ACTION: {a}", action=a, valid=True, observation="o", reward=float(won and t == last),
-                       done=t == last, won=won and t == last, policy_version=0, worker_id=0)
+    return [StepRecord(game_id=game, task_type="pick", episode_id=f"{game}#{index}", step=t, task="t", room="r",
+                       admissible_commands=[], prompt=p, prompt_ids=[], context_start=t == 0, context_rule=False,
+                       response=f"ACTION: {a}", response_ids=[], action=a, valid=True, observation="o",
+                       reward=float(won and t == last), done=t == last, won=won and t == last, policy_version=0,
+                       worker_id=0)
             for t, (p, a) in enumerate(zip(prompts, actions))]
 
 
@@ -208,7 +211,8 @@ class FixedScores:
 def best_of_n(responses: list[str], scores: dict[str, float]):
     worker = RolloutWorker.__new__(RolloutWorker)  # only the PRM is needed for the choice
     worker.prm = FixedScores(scores)
-    return asyncio.run(worker._best_of_n(PROMPT, responses, policy_version=5)), worker.prm.asked
+    samples = [Generation(r, [i], [0.0], "stop") for i, r in enumerate(responses)]
+    return asyncio.run(worker._best_of_n(PROMPT, samples, policy_version=5)), worker.prm.asked
 
 
 def test_best_of_n_plays_the_argmax_of_distinct_commands():
@@ -217,6 +221,7 @@ def test_best_of_n_plays_the_argmax_of_distinct_commands():
                                           "ACTION: take mug 1": 0.3})
     assert asked == [["ACTION: look", "REASON: go.\nACTION: go to shelf 1", "ACTION: take mug 1"]]  # look once
     assert action.response == "REASON: go.\nACTION: go to shelf 1" and action.candidates == 3
+    assert action.response_ids == [1]  # the chosen sample's ids, as generated
     assert action.prm_score == 0.7 and action.policy_version == 5
 
 
