@@ -91,10 +91,12 @@ def visited_places(actions: list[str]) -> list[str]:
 @dataclass
 class StepInput:
     """What the policy is fed before one response: `new_ids` extend the context it had (the
-    whole prompt when `reset`), `prompt_ids` is that whole prompt."""
+    whole prompt when `reset`), `prompt_ids` is that whole prompt; `rule` says that the
+    context rule restarted the conversation since the last input."""
     prompt_ids: list[int]
     new_ids: list[int]
     reset: bool
+    rule: bool = False
 
 
 @dataclass
@@ -114,6 +116,7 @@ class EpisodeContext:
     resets: int = 0
     _pending: list[int] = field(default_factory=list)  # ids the policy has not been fed yet
     _fed: bool = False  # the policy was fed the context since the last turn (it wrote the response)
+    _restarted: bool = False  # the context rule fired since the last input
 
     def __post_init__(self):
         self.ids = self._first_prompt("")
@@ -129,7 +132,8 @@ class EpisodeContext:
     def next_input(self) -> StepInput:
         """The prompt for the coming response, and which of its ids are new to the policy."""
         new, self._pending, self._fed = self._pending, [], True
-        return StepInput(self.ids, new, reset=len(new) == len(self.ids))
+        rule, self._restarted = self._restarted, False
+        return StepInput(self.ids, new, reset=len(new) == len(self.ids), rule=rule)
 
     def advance(self, response_ids: list[int], action: str, observation: str, admissible: list[str]) -> None:
         """`response_ids` were written (by the policy, as generated: ending in the end-of-turn
@@ -151,25 +155,22 @@ class EpisodeContext:
 
     def _restart(self) -> None:
         """The context rule: a new first turn with the task, the room and the places visited,
-        then the most recent turns that fit in half the budget."""
+        then the latest turns, id for id, within half the budget (each turn is a response and
+        the user turn after it, so the result ends with the assistant header again)."""
         self.resets += 1
-        places = visited_places(self.actions)
-        note = (f"\n\n({len(self.turns)} earlier turns are not shown. Places visited so far: "
-                f"{', '.join(places) if places else 'none'}.)")
-        head = self._first_prompt(note)
-        budget, kept = (self.max_tokens - self.reserve) // 2 - len(head), []
-        for turn in reversed(self.turns[:-1]):  # the newest turn's response is inside the kept ones
+        self._restarted = True
+        places = ", ".join(visited_places(self.actions)) or "none"
+        head = self._first_prompt(f"\n\n(Earlier turns are not shown. Places visited so far: {places}.)")
+        last = self.turns[-1]  # the latest response and observation: always kept
+        budget, kept = (self.max_tokens - self.reserve) // 2 - len(head) - len(last), []
+        for turn in reversed(self.turns[:-1]):
             if len(turn) > budget:
                 break
             kept.insert(0, turn)
             budget -= len(turn)
-        # The last turn's user part starts the next prompt: it holds the latest observation.
-        # Its response is already in the turn list as part of `turns[-1]`; kept turns end
-        # with a user turn, so the new context is head + kept turns, then the last turn whole.
-        last = self.turns[-1]
         self.ids = head + [i for turn in kept for i in turn] + last
-        if len(self.ids) + self.reserve > self.max_tokens:  # the newest turn alone is too long
-            self.ids = head + last[-max(0, self.max_tokens - self.reserve - len(head)):]
+        if len(self.ids) + self.reserve > self.max_tokens:  # one observation longer than the whole budget
+            self.ids = head + last[-(self.max_tokens - self.reserve - len(head)):]
         self._pending, self._fed = list(self.ids), False
 
 

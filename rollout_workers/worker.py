@@ -87,7 +87,6 @@ class RolloutWorker:
                 admissible = obs.admissible_commands
             steps: list[StepRecord] = []
             while True:
-                restarts = context.resets
                 fed = context.next_input()
                 started = time.perf_counter()
                 act = await self._act(fed, admissible, env, task, rng, task.seed + len(steps))
@@ -99,12 +98,11 @@ class RolloutWorker:
                     game_id=task.game.game_id, task_type=task.game.task_type, episode_id=task.episode_id,
                     step=len(task.reset_actions) + len(steps), task=env.task, room=room,
                     admissible_commands=admissible, prompt=self.tokenizer.decode(fed.prompt_ids),
-                    prompt_ids=fed.new_ids, context_start=fed.reset, context_rule=context.resets > restarts,
+                    prompt_ids=fed.new_ids, context_start=fed.reset, context_rule=fed.rule,
                     response=act.response, response_ids=act.response_ids, action=action, valid=valid,
                     observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
                     policy_version=act.policy_version, worker_id=self.worker_id, act_seconds=act_seconds,
-                    candidates=act.candidates,
-                    prm_score=act.prm_score,
+                    candidates=act.candidates, prm_score=act.prm_score,
                 ))
                 if obs.done:
                     return steps

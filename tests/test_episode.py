@@ -131,3 +131,13 @@ def test_a_packed_batch_gives_the_loss_and_gradient_of_its_episodes_one_by_one(t
     assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
     for name, param in model.named_parameters():
         assert torch.allclose(packed_grad[name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_a_worker_records_each_use_of_the_context_rule(tiny_model, ood_games):
+    """A small context: the rule restarts the conversation, each restart is recorded once, on
+    the step whose prompt it made, and that prompt is a whole new sequence."""
+    steps = play(tiny_model, ood_games[1], agent="random", max_steps=12, prompt={**EPISODE, "max_context_tokens": 700})
+    rules = [s.step for s in steps if s.context_rule]
+    assert rules and all(steps[t].context_start for t in rules)
+    assert [s.step for s in steps if s.context_start] == [0, *rules]
+    assert all(len(s.prompt_ids) + 48 <= 700 for s in steps if s.context_start)

@@ -42,6 +42,21 @@ def test_greedy_matches_transformers_generate(engine, tiny_model):
         assert gen.finish_reason in ("stop", "length")
 
 
+def test_token_ids_in_give_what_their_text_gives(engine, tiny_model):
+    """A prompt of token ids is used as given: the same samples as its text, in a batch of
+    prompts of other lengths too (left padding), and an answer that stops by itself ends
+    with the end-of-turn id."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    params = SamplingParams(max_tokens=12)
+    assert [g[0].token_ids for g in engine.generate(ids, params)] == \
+        [g[0].token_ids for g in engine.generate(PROMPTS, params)]
+    (alone,), = engine.generate(ids[:1], params)
+    assert engine.generate([ids[0], ids[1] + ids[1]], params)[0][0].token_ids == alone.token_ids
+    for (gen,) in engine.generate(ids, SamplingParams(max_tokens=40, temperature=1.0, seed=4)):
+        assert (gen.finish_reason == "stop") == (gen.token_ids[-1] == tokenizer.eos_token_id)
+
+
 def test_logprobs_are_the_models(engine, tiny_model):
     (gen,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=5, temperature=1.0, seed=3))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

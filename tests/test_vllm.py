@@ -9,7 +9,7 @@ if os.environ.get("AGENTPRM_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")
 
 import ray  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from agent import AgentState, render_prompt  # noqa: E402
 from envs import AlfworldEnv  # noqa: E402
@@ -139,10 +139,22 @@ def test_rollout_records_match_the_transformers_engine_format(policy, tiny_model
     workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:2])]
     assert run_episodes(workers, 2, tasks, tmp_path / "episodes") == 2
+    before = policy.stats()[0]
     episodes = check_episodes(read_steps(tmp_path / "episodes"), tasks)
     assert all(len(ep) == 3 for ep in episodes.values())
     version = policy.versions()[0]
     assert all(r["policy_version"] == version for ep in episodes.values() for r in ep)
+    # Token in, token out: each prompt extends the last by the ids vLLM generated and the new
+    # user turn, and its prefix cache serves the history instead of computing it again.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for ep in episodes.values():
+        held: list[int] = []
+        for r in ep:
+            held += r["prompt_ids"]
+            assert tokenizer.decode(held) == r["prompt"] and r["context_start"] == (r["step"] == 0)
+            held += r["response_ids"]
+            assert tokenizer.decode(r["response_ids"], skip_special_tokens=True) == r["response"]
+    assert before["cached_prompt_tokens"] > 0 and before["prompt_tokens"] > before["cached_prompt_tokens"]
     for w in workers:
         ray.kill(w)
 
