@@ -42,6 +42,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, pick_games, resolve_data_root  # noqa: E402
@@ -53,7 +54,7 @@ from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_succes
                      plot_target_histogram)
 from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, missing_episodes,  # noqa: E402
                              read_steps, run_episodes, start_rollout_workers, summarize)
-from rollout_workers.demonstrations import demonstration_store  # noqa: E402
+from rollout_workers.demonstrations import as_seen_by, demonstration_store  # noqa: E402
 
 
 def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
@@ -192,13 +193,16 @@ def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: st
 
 def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
     """The handcoded expert on `demos.num_games` games of the demos split, played into the
-    demonstration store (only the games it lacks); the winning episodes become the run's
-    demos.parquet."""
+    demonstration store (only the games it lacks); the winning episodes, with their prompts
+    and ids as this run's policy sees them, become the run's demos.parquet."""
     store = demonstration_store(resolve_data_root(cfg.data.archive), cfg.demos.split, cfg.env.max_steps,
                                 cfg.demos.store)
     steps, report = play(cfg, store, cfg.demos.split, cfg.demos.num_games, "expert", 1)
     won_episodes = pc.filter(steps, steps["won"])["episode_id"]
-    demos = steps.filter(pc.is_in(steps["episode_id"], won_episodes))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.policy.model),
+                                              trust_remote_code=cfg.policy.trust_remote_code)
+    demos = as_seen_by(steps.filter(pc.is_in(steps["episode_id"], won_episodes)), tokenizer,
+                       OmegaConf.to_container(cfg.prompt), cfg.policy.max_new_tokens)
     pq.write_table(demos, run_dir / "demos.parquet")
     report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows, store=str(store.parent))
     (run_dir / "demos.json").write_text(json.dumps(report, indent=2))

@@ -6,14 +6,15 @@
 
 The context only ever grows by appending: each step's prompt ids are the previous prompt's
 ids + the response ids the policy generated + the ids of the new user turn. The policy
-server's prefix cache then computes only a step's new tokens, and the learners and the PRM
-read the very ids the policy saw and wrote (nothing is decoded and encoded again).
+server's prefix cache then computes only a step's new tokens, and the step records keep the
+very ids the policy saw and wrote. (SFT builds its sequences with this same code; the PRM,
+DPO and InversePRM still read the prompt's text and encode it again.)
 
 The context rule: when the next prompt plus a response of `reserve` tokens would pass
 `max_tokens`, the conversation restarts from a new first user turn, which keeps the task,
 the room description and the places visited so far ("go to" targets), followed by the most
 recent turns, copied id for id, that fit in half the budget. A restart is recorded on the
-step (`context_reset`) and counted in reports.
+step whose prompt it made (`context_rule`, with `context_start`) and counted in reports.
 
 `prompt.state=window` is the earlier design, kept to compare against: one user message with
 the task, the last `history_turns` turns, the observation and the admissible commands,
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 
 from agent.prompt import CHAT_DATE, SYSTEM_PROMPT, AgentState, render_prompt
 
-STATES = ("episode", "window")
 _SENTINEL = "\x00agentprm-turn\x00"
 
 
@@ -169,8 +169,9 @@ class EpisodeContext:
             kept.insert(0, turn)
             budget -= len(turn)
         self.ids = head + [i for turn in kept for i in turn] + last
-        if len(self.ids) + self.reserve > self.max_tokens:  # one observation longer than the whole budget
-            self.ids = head + last[-(self.max_tokens - self.reserve - len(head)):]
+        if len(self.ids) + self.reserve > self.max_tokens:
+            raise ValueError(f"the context rule cannot fit the task, the room and the latest turn ({len(self.ids)} "
+                             f"tokens) and a response ({self.reserve}) in {self.max_tokens} tokens")
         self._pending, self._fed = list(self.ids), False
 
 
@@ -203,3 +204,24 @@ def new_context(chat: ChatFormat, prompt: dict, task: str, room: str, admissible
         return WindowContext(chat.tokenizer, AgentState(task, room, admissible), prompt["history_turns"])
     return EpisodeContext(chat, task, room, admissible, prompt["max_context_tokens"], max_new_tokens,
                           prompt["admissible_commands"])
+
+
+def replay(chat: ChatFormat, prompt: dict, rows: list[dict], max_new_tokens: int
+           ) -> tuple[list[tuple[StepInput, list[int]]], EpisodeContext | WindowContext]:
+    """An episode's steps (step records' text: task, room, admissible_commands, response,
+    action, observation; in step order from step 0) as the policy would have held them
+    under `prompt`: each step's input and its response ids (another's response, encoded
+    and closed with the end-of-turn token). Also returns the context, for its restarts."""
+    if rows[0]["step"] != 0:
+        raise ValueError(f"episode {rows[0].get('episode_id')} starts at step {rows[0]['step']}: only whole "
+                         "episodes can be rebuilt from their text")
+    context = new_context(chat, prompt, rows[0]["task"], rows[0]["room"], rows[0]["admissible_commands"],
+                          max_new_tokens)
+    steps = []
+    for i, row in enumerate(rows):
+        fed = context.next_input()
+        response = chat.response(row["response"])
+        steps.append((fed, response))
+        if i + 1 < len(rows):
+            context.advance(response, row["action"], row["observation"], rows[i + 1]["admissible_commands"])
+    return steps, context

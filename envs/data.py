@@ -81,7 +81,11 @@ def resolve_data_root(archive: str, check_only: bool = False) -> Path:
     if not (data / "json_2.1.1").is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"the games archive {archive_path} holds no json_2.1.1/ folder")
-    data.rename(root)
+    try:
+        data.rename(root)
+    except OSError:  # another process unpacked the same archive first
+        if not (root / "json_2.1.1").is_dir():
+            raise
     shutil.rmtree(tmp, ignore_errors=True)
     return root
 

@@ -5,9 +5,9 @@ the same `agent.episode` context the rollout workers build, with the loss on eve
 turn (the response and its end-of-turn token) and nowhere else. Several episodes share a
 micro-batch packed end to end in one row (`pack`), each attending only to itself.
 
-DPO learns (prompt, response) pairs: the prompt is exactly what the policy server fed the
-model and is tokenized on its own, as the server does; the response is followed by the
-end-of-turn token unless it was cut off at the sampling limit.
+DPO learns (prompt, response) pairs: the prompt's text (what the policy server was fed,
+decoded) is tokenized on its own; the response is followed by the end-of-turn token unless
+it was cut off at the sampling limit.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pyarrow as pa
 import torch
 
 from agent import encode_turn
-from agent.episode import ChatFormat, new_context
+from agent.episode import ChatFormat, replay
+from rollout_workers.records import episodes_in_order
 
 IGNORE = -100  # label of tokens outside the loss
 
@@ -47,30 +48,17 @@ def episode_sequences(steps: pa.Table, chat: ChatFormat, prompt: dict, max_new_t
     policy would have held while playing it under `prompt` (the config's prompt section):
     a new sequence wherever the context starts anew (every step for prompt.state=window, a
     restart of the context rule). Also returns how many restarts the context rule made."""
-    episodes: dict[str, list[dict]] = defaultdict(list)
-    columns = ["episode_id", "step", "task", "room", "admissible_commands", "response", "action", "observation"]
-    for row in steps.select(columns).to_pylist():
-        episodes[row["episode_id"]].append(row)
     sequences, restarts = [], 0
-    for episode_id in sorted(episodes):
-        rows = sorted(episodes[episode_id], key=lambda r: r["step"])
-        if rows[0]["step"] != 0:
-            raise ValueError(f"episode {episode_id} starts at step {rows[0]['step']}: only whole episodes "
-                             "can be rebuilt from their text")
-        context = new_context(chat, prompt, rows[0]["task"], rows[0]["room"], rows[0]["admissible_commands"],
-                              max_new_tokens)
+    for rows in episodes_in_order(steps):
+        replayed, context = replay(chat, prompt, rows, max_new_tokens)
         ids: list[int] = []
         labels: list[int] = []
-        for i, row in enumerate(rows):
-            fed = context.next_input()
+        for fed, response in replayed:
             if fed.reset and ids:
                 sequences.append(TokenizedExample(ids, labels))
                 ids, labels = [], []
-            response = chat.response(row["response"])
             ids += fed.new_ids + response
             labels += [IGNORE] * len(fed.new_ids) + response
-            if i + 1 < len(rows):
-                context.advance(response, row["action"], row["observation"], rows[i + 1]["admissible_commands"])
         sequences.append(TokenizedExample(ids, labels))
         restarts += context.resets
     return sequences, restarts

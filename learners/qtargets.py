@@ -2,8 +2,8 @@
 
 For an episode of length T with outcome r (+1 won, -1 lost), step t gets the discounted
 return to go gamma^(T-1-t) * r (or gamma^t * r, the reference code's `from_start`).
-Identical (state, action) pairs, that is the same rendered prompt (task, the last
-`prompt.history_turns` turns, observation, candidates: exactly what the PRM reads) and the
+Identical (state, action) pairs, that is the same prompt (the policy's state as
+`prompt.state` builds it: exactly what the PRM reads) and the
 same command, are merged and their returns averaged: the Monte Carlo estimate of Q. The
 loss reads it rescaled to [0, 1]. Preference pairs for the relative loss are actions at
 one state whose estimates differ by more than a margin (on the [-1, 1] scale, as in the

@@ -4,16 +4,22 @@ A store is a folder of episode shards, one per (games data, split, step limit, e
 `<demos.store, default <cache>/demonstrations>/<split>-<max_steps>steps-handcoded-<data>/`. A run asks
 for its games and plays only those the store lacks, so a second run, or a run on a subset
 of the games, plays none. `store.json` names what the store holds; a store that names
-something else is refused, never mixed. The shards' token ids are those of the run that
-played them; SFT builds its sequences from their text with its own tokenizer and prompt.
+something else is refused, never mixed. The shards' prompts and token ids are those of the
+run that played them: a run rebuilds them from the text with its own tokenizer and
+`prompt` section (`as_seen_by`), with the code its rollout workers build the policy's state.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pyarrow as pa
+
+from agent.episode import ChatFormat, replay
 from configs import cache_dir
 from envs.data import DataError, data_fingerprint
+from rollout_workers.records import SCHEMA, episodes_in_order
 
 EXPERT = "handcoded"  # alfworld's handcoded expert (the only one that needs no model)
 
@@ -31,7 +37,19 @@ def demonstration_store(data_root: Path, split: str, max_steps: int, stores: str
             raise DataError(f"the demonstration store {folder} holds {held}, not {key}: remove it or move it away")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
+        tmp = record.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(key, indent=2))
         tmp.replace(record)
     return folder / "episodes"
+
+
+def as_seen_by(steps: pa.Table, tokenizer, prompt: dict, max_new_tokens: int) -> pa.Table:
+    """The demonstrations' prompts and token ids as a policy with this tokenizer and prompt
+    section would have been fed them (whole episodes from step 0)."""
+    chat, rows = ChatFormat(tokenizer), []
+    for episode in episodes_in_order(steps):
+        replayed, _ = replay(chat, prompt, episode, max_new_tokens)
+        for row, (fed, response) in zip(episode, replayed):
+            rows.append({**row, "prompt": tokenizer.decode(fed.prompt_ids), "prompt_ids": fed.new_ids,
+                         "context_start": fed.reset, "context_rule": fed.rule, "response_ids": response})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)

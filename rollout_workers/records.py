@@ -45,6 +45,7 @@ Shards written before a column existed read it as null.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -108,6 +109,14 @@ def write_episode(episodes_dir: Path, steps: list[StepRecord]) -> Path:
     pq.write_table(pa.Table.from_pylist([asdict(s) for s in steps], schema=SCHEMA), tmp)
     tmp.rename(path)
     return path
+
+
+def episodes_in_order(steps: pa.Table) -> list[list[dict]]:
+    """The step records as episodes (by id), each in step order."""
+    episodes: dict[str, list[dict]] = defaultdict(list)
+    for row in steps.to_pylist():
+        episodes[row["episode_id"]].append(row)
+    return [sorted(episodes[e], key=lambda r: r["step"]) for e in sorted(episodes)]
 
 
 def read_steps(episodes_dir: Path, episode_ids: list[str] | None = None) -> pa.Table:

@@ -141,3 +141,18 @@ def test_a_worker_records_each_use_of_the_context_rule(tiny_model, ood_games):
     assert rules and all(steps[t].context_start for t in rules)
     assert [s.step for s in steps if s.context_start] == [0, *rules]
     assert all(len(s.prompt_ids) + 48 <= 700 for s in steps if s.context_start)
+
+
+def test_stored_demonstrations_as_another_prompt_state_sees_them(tiny_model, ood_games, expert_steps):
+    """The store keeps the ids of the run that played; a run rebuilds them for its own
+    prompt section: exactly what its rollout workers record when the expert plays."""
+    from rollout_workers.demonstrations import as_seen_by
+
+    window = {**EPISODE, "state": "window"}
+    stored = pa.Table.from_pylist([vars(s) for s in expert_steps], schema=SCHEMA)
+    rebuilt = as_seen_by(stored, AutoTokenizer.from_pretrained(tiny_model), window, max_new_tokens=48).to_pylist()
+    played = play(tiny_model, ood_games[0], prompt=window)
+    columns = ["prompt", "prompt_ids", "context_start", "context_rule", "response_ids"]
+    assert [{k: r[k] for k in columns} for r in rebuilt] == [{k: getattr(s, k) for k in columns} for s in played]
+    same = as_seen_by(stored, AutoTokenizer.from_pretrained(tiny_model), EPISODE, max_new_tokens=48)
+    assert same.drop(["act_seconds"]).equals(stored.drop(["act_seconds"]))
