@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from learners import IGNORE, SFTExample, collate, tokenize, train_sft
 from learners.data import response_nll
+from learners.export import export_checkpoint
 from policy_server import SamplingParams, start_policy_servers
 from tests.conftest import small_cfg
 
@@ -105,6 +106,12 @@ def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(
     assert len(trace) == 6 and trace[-1] < 0.5 * trace[0]
     assert list((tmp_path / "sft" / "tensorboard").glob("events.out.tfevents.*"))
     assert (policy_dir / "model.safetensors").is_file() and (policy_dir / "tokenizer.json").is_file()
+    # The last checkpoint (step 6, ZeRO shards) exported by hand holds the same weights.
+    checkpoint = max(p for p in (tmp_path / "sft" / "ray_train" / "sft").glob("checkpoint_*") if p.is_dir())
+    assert export_checkpoint(checkpoint, tiny_model, tmp_path / "exported")["step"] == 6
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    finished = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict()
+    assert exported.keys() == finished.keys() and all(torch.equal(exported[k], finished[k]) for k in finished)
     # the exported model gives the demonstrations' responses a higher likelihood than the base model
     assert demo_loss(str(policy_dir), demos) < 0.5 * demo_loss(tiny_model, demos)
     policy = start_policy_servers(small_cfg(**{"policy.device": "cpu"}).policy, str(policy_dir), seed=0)

@@ -153,7 +153,10 @@ def test_rollout_records_match_the_transformers_engine_format(policy, tiny_model
             held += r["prompt_ids"]
             assert tokenizer.decode(held) == r["prompt"] and r["context_start"] == (r["step"] == 0)
             held += r["response_ids"]
-            assert tokenizer.decode(r["response_ids"], skip_special_tokens=True) == r["response"]
+            # vLLM's text leaves out the bytes of an unfinished UTF-8 character at the end
+            # (a random model's tokens can end inside one); the ids keep them.
+            decoded = tokenizer.decode(r["response_ids"], skip_special_tokens=True)
+            assert decoded.rstrip("\ufffd") == r["response"].rstrip("\ufffd")
     assert before["cached_prompt_tokens"] > 0 and before["prompt_tokens"] > before["cached_prompt_tokens"]
     for w in workers:
         ray.kill(w)
