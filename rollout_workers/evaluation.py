@@ -11,12 +11,14 @@ from envs import TASK_TYPES
 def summarize(steps: pa.Table) -> dict:
     """Success overall and per task type, mean steps, invalid-action rate, the share of steps
     that repeat an earlier step of their episode (the same command, the same answer: loops),
-    and how often the context rule restarted an episode's conversation (agent.episode)."""
+    how often the context rule restarted an episode's conversation (agent.episode), and the
+    episodes won per game (`reports.paired` compares two evaluations game by game)."""
     episodes: dict[str, dict] = {}
-    columns = ["episode_id", "task_type", "step", "action", "observation", "valid", "won", "context_rule"]
+    columns = ["game_id", "episode_id", "task_type", "step", "action", "observation", "valid", "won", "context_rule"]
     for row in steps.select(columns).to_pylist():
-        ep = episodes.setdefault(row["episode_id"], {"task_type": row["task_type"], "steps": 0, "invalid": 0,
-                                                     "won": False, "restarts": 0, "seen": set(), "repeats": 0})
+        ep = episodes.setdefault(row["episode_id"], {"game_id": row["game_id"], "task_type": row["task_type"],
+                                                     "steps": 0, "invalid": 0, "won": False, "restarts": 0,
+                                                     "seen": set(), "repeats": 0})
         ep["steps"] += 1
         ep["repeats"] += (row["action"], row["observation"]) in ep["seen"]
         ep["seen"].add((row["action"], row["observation"]))
@@ -24,8 +26,10 @@ def summarize(steps: pa.Table) -> dict:
         ep["won"] |= row["won"]
         ep["restarts"] += bool(row["context_rule"])
     by_type: dict[str, list[bool]] = defaultdict(list)
+    by_game: dict[str, list[bool]] = defaultdict(list)
     for ep in episodes.values():
         by_type[ep["task_type"]].append(ep["won"])
+        by_game[ep["game_id"]].append(ep["won"])
     n = len(episodes)
     total_steps = sum(ep["steps"] for ep in episodes.values())
     return {
@@ -40,6 +44,7 @@ def summarize(steps: pa.Table) -> dict:
         "repeated_step_rate": sum(ep["repeats"] for ep in episodes.values()) / total_steps if total_steps else 0.0,
         "context_rule_restarts": sum(ep["restarts"] for ep in episodes.values()),
         "episodes_with_restarts": sum(ep["restarts"] > 0 for ep in episodes.values()),
+        "won_per_game": {game: [sum(won), len(won)] for game, won in sorted(by_game.items())},
     }
 
 

@@ -5,10 +5,12 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from omegaconf import OmegaConf
 
 import driver
 from configs import REPO_ROOT
+from reports.paired import format_paired, paired
 from rollout_workers import SCHEMA, format_report, summarize
 
 
@@ -26,8 +28,26 @@ def test_summarize_hand_built_records():
     assert report["mean_steps"] == 5 / 3 and report["invalid_action_rate"] == 2 / 5
     assert report["repeated_step_rate"] == 2 / 5  # g1's second and third steps repeat its first
     assert report["context_rule_restarts"] == 0  # records written before the column read it as null
+    assert report["won_per_game"] == {"g1": [1, 1], "g2": [0, 1], "g3": [1, 1]}
     text = format_report({**report, "split": "eval_out_of_distribution", "max_steps": 50, "seed": 0})
     assert "pick" in text and "66.7%" in text and "max_steps 50" in text
+
+
+def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcnemar_p():
+    # b wins 9 games a loses, a wins 1 game b loses, both win 5: p = 2 * (C(10,0) + C(10,1)) / 2^10
+    a = {"won_per_game": {**{f"d{i}": [0, 1] for i in range(9)}, "e": [1, 1], **{f"s{i}": [1, 1] for i in range(5)},
+                          "only_in_a": [1, 1]}}
+    b = {"won_per_game": {**{f"d{i}": [1, 1] for i in range(9)}, "e": [0, 1], **{f"s{i}": [1, 1] for i in range(5)}}}
+    result = paired(a, b, ("pi0", "pi1"))
+    assert result["games"] == 15 and (result["a_only"], result["b_only"]) == (1, 9)
+    assert result["a_success"] == 6 / 15 and result["b_success"] == 14 / 15
+    assert result["p_value"] == pytest.approx(22 / 1024)
+    assert paired(a, a)["p_value"] == 1.0  # no discordant game
+    assert "p = 0.0215" in format_paired(result)
+    with pytest.raises(ValueError, match="share no game"):
+        paired(a, {"won_per_game": {"other": [1, 1]}})
+    with pytest.raises(ValueError, match="one per game"):
+        paired(a, {"won_per_game": {"e": [1, 2]}})
 
 
 def run_driver(*args):
