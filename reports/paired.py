@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from math import comb
 from pathlib import Path
 
@@ -58,7 +59,10 @@ if __name__ == "__main__":
     parser.add_argument("b", type=Path, help="the second evaluation's report, of the same games")
     parser.add_argument("--out", type=Path, help="also write the comparison here as JSON")
     args = parser.parse_args()
-    result = paired(json.loads(args.a.read_text()), json.loads(args.b.read_text()), (str(args.a), str(args.b)))
+    try:
+        result = paired(json.loads(args.a.read_text()), json.loads(args.b.read_text()), (str(args.a), str(args.b)))
+    except (OSError, ValueError) as error:  # a missing file, or reports that cannot be paired
+        sys.exit(f"paired: {error}")
     print(format_paired(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
