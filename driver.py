@@ -46,12 +46,13 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, pick_games, resolve_data_root  # noqa: E402
-from learners import (build_dataset, build_transitions, sample_next_actions, train_dpo, train_inverse_prm,  # noqa: E402
-                      train_prm, train_sft, without_outcome)
+from learners import (build_dataset, build_transitions, sample_next_actions, states_of, train_dpo,  # noqa: E402
+                      train_inverse_prm, train_prm, train_sft, without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
+from reports.paired import paired  # noqa: E402
 from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, missing_episodes,  # noqa: E402
                              read_steps, run_episodes, start_rollout_workers, summarize)
 from rollout_workers.demonstrations import as_seen_by, demonstration_store  # noqa: E402
@@ -388,8 +389,7 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
         if cfg.dpo.monitor_games:
             workers = start_rollout_workers(cfg, "llm", model_path, policy)
             games = pick_games(list_games(cfg.eval.split, resolve_data_root(cfg.data.archive)), cfg.dpo.monitor_games)
-            targets = pq.read_table(states, columns=["prompt", "split"]).to_pylist()
-            held_out = sorted({r["prompt"] for r in targets if r["split"] == "val"})[:cfg.dpo.monitor_states]
+            held_out = states_of(pq.read_table(states), "val")[:cfg.dpo.monitor_states]
             monitor = RewardHackingMonitor(
                 policy, prm, workers, cfg.rollout.envs_per_worker, held_out,
                 [EpisodeTask(g, 0, episode_seed(cfg.seed, g.game_id, 0)) for g in games],
@@ -417,11 +417,11 @@ def best_of_n_config(cfg: DictConfig, n: int, prm_dir: Path) -> DictConfig:
                                 "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
 
 
-def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path) -> dict:
-    """Best-of-N(policy, PRM) on `eval.split` for each N of `critic.best_of_n` (bon_<N>/,
-    bon_<N>.json, bon.json, bon.png in `run_dir`)."""
+def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path, ns: list[int]) -> dict:
+    """Best-of-N(policy, PRM) on `eval.split` for each N of `ns` (bon_<N>/, bon_<N>.json,
+    bon.json, bon.png in `run_dir`)."""
     success: dict[int, float] = {}
-    for n in cfg.critic.best_of_n:
+    for n in ns:
         success[n] = evaluate(best_of_n_config(cfg, n, prm_dir), run_dir, model=policy_model,
                               name=f"bon_{n}")["success_rate"]
     if success:
@@ -438,56 +438,62 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = stage(out, "stage_1",
                     lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
     report = stage(out / "prm_stage", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
-    bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm"))
+    bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm",
+                                                                  list(cfg.critic.best_of_n)))
     return {"dataset": dataset, "prm": report, "best_of_n": bon}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """AgentPRM or InversePRM (`algorithm`): π0 (`init_policy`, else SFT in this run), then
     `iterations` times: stage 1 (rollouts -> Q-targets, or -> expert vs policy transitions),
-    stage 2 (the PRM Q_{i-1}), stage 3 (online DPO against it -> π_i), and π_i's evaluation on
-    `eval.split` (with `eval.best_of_n`, also Best-of-N of π_{i-1} and π_i with Q_{i-1});
-    iteration i in run_dir/iter_<i>/. Re-running resumes at the first unfinished stage.
-    The summary: summary.json, success.png."""
+    stage 2 (the PRM Q_{i-1}), with `eval.best_of_n` Best-of-N(π_{i-1}, Q_{i-1}) for each N,
+    stage 3 (online DPO against it -> π_i), π_i's evaluation on `eval.split`, and
+    Best-of-N(π_i, Q_{i-1}) at the largest N; iteration i in run_dir/iter_<i>/. Re-running
+    resumes at the first unfinished stage. The summary (summary.json, success.png): every
+    evaluation's success, paired against π0's on the same games (exact McNemar), and each
+    stage's wall time."""
     if cfg.init_policy:
         policy_model = cfg.init_policy
-        success = [stage(run_dir / "eval_pi0", "evaluation",
-                         lambda: evaluate(cfg, run_dir / "eval_pi0", model=policy_model))["success_rate"]]
+        stage(run_dir / "eval_pi0", "evaluation", lambda: evaluate(cfg, run_dir / "eval_pi0", model=policy_model))
+        evaluations = {"pi0": run_dir / "eval_pi0" / "eval.json"}
     else:
-        reports = sft(cfg, run_dir)
+        sft(cfg, run_dir)
         policy_model = str(run_dir / "sft" / "policy")
-        success = [reports[cfg.eval.split]["success_rate"]] if cfg.eval.split in reports else [None]
-    best_of_n: dict[str, float] = {}
-
-    def bon(folder: Path, model: str, prm_dir: Path) -> float:
-        bon_cfg = best_of_n_config(cfg, cfg.eval.best_of_n, prm_dir)
-        return stage(folder, "best_of_n", lambda: evaluate(bon_cfg, folder, model=model))["success_rate"]
-
+        evaluations = {"pi0": run_dir / f"eval_sft_{cfg.eval.split}.json"}
+    ns = list(cfg.eval.best_of_n)
     for i in range(1, cfg.iterations + 1):
         out = run_dir / f"iter_{i}"
         dataset = stage(out / "critic", "stage_1", lambda: STAGE_1[cfg.algorithm](
             cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
         stage(out / "critic" / "prm_stage", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
         prm_dir = out / "critic" / "prm"
-        if cfg.eval.best_of_n:
-            best_of_n[f"pi{i - 1}+Q{i - 1}"] = bon(out / "bon_before", policy_model, prm_dir)
+        if ns:
+            stage(out / "bon_before", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon_before", policy_model,
+                                                                           prm_dir, ns))
+            evaluations.update({f"BoN-{n}(pi{i - 1},Q{i - 1})": out / "bon_before" / f"bon_{n}.json" for n in ns})
         result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, prm_dir,
                                                              Path(dataset["states"])))
         policy_model = result["policy"]
-        report = stage(out / "eval", "evaluation", lambda: evaluate(cfg, out / "eval", model=policy_model))
-        success.append(report["success_rate"])
-        if cfg.eval.best_of_n:
-            best_of_n[f"pi{i}+Q{i - 1}"] = bon(out / "bon_after", policy_model, prm_dir)
+        stage(out / "eval", "evaluation", lambda: evaluate(cfg, out / "eval", model=policy_model))
+        evaluations[f"pi{i}"] = out / "eval" / "eval.json"
+        if ns:
+            after = best_of_n_config(cfg, max(ns), prm_dir)
+            stage(out / "bon_after", "best_of_n", lambda: evaluate(after, out / "bon_after", model=policy_model))
+            evaluations[f"BoN-{max(ns)}(pi{i},Q{i - 1})"] = out / "bon_after" / "eval.json"
+    reports = {name: json.loads(path.read_text()) for name, path in evaluations.items() if path.exists()}
     summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
-               "success_rate": {f"pi{i}": s for i, s in enumerate(success)},
-               "best_of_n": {"n": cfg.eval.best_of_n, "success_rate": best_of_n} if best_of_n else None}
-    summary["stage_wall_s"] = stage_walls(run_dir)
+               "success_rate": {name: r["success_rate"] for name, r in reports.items()},
+               "paired_vs_pi0": {name: paired(reports["pi0"], r, ("pi0", name)) for name, r in reports.items()
+                                 if name != "pi0" and "pi0" in reports},
+               "stage_wall_s": stage_walls(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary["stage_wall_s"].items()))
-    plot_success(summary["success_rate"], run_dir / "success.png", f"{cfg.algorithm} on {cfg.eval.split}",
-                 best_of_n)
-    print("success: " + ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in
-                                  {**summary["success_rate"], **best_of_n}.items()), flush=True)
+    plot_success(summary["success_rate"], summary["paired_vs_pi0"], run_dir / "success.png",
+                 f"{cfg.algorithm} on {cfg.eval.split}")
+    for name, rate in summary["success_rate"].items():
+        versus = summary["paired_vs_pi0"].get(name)
+        print(f"{name}: {rate:.1%}" + (f" (vs pi0 {versus['difference']:+.1%}, p = {versus['p_value']:.3g})"
+                                       if versus else ""), flush=True)
     return summary
 
 

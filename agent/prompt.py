@@ -114,10 +114,3 @@ def parse_action(response: str) -> str | None:
         return None
     command = " ".join(match.group(1).split()).strip("`\"'").rstrip(".").strip().lower()
     return command or None
-
-
-def encode_turn(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of a prompt and of a response, each encoded alone and without added special
-    tokens, as the policy server encodes prompts: the learners and the PRM see the same ids."""
-    return (tokenizer.encode(prompt, add_special_tokens=False),
-            tokenizer.encode(response, add_special_tokens=False))

@@ -1,27 +1,25 @@
-"""PRM scoring throughput: (state, action) pairs per second, batched vs one at a time, with
-and without encoding each shared prompt once.
+"""The PRM on whole-episode states: training tokens per epoch and Best-of-N scoring speed,
+the episode design against the per-step one, on the same rollouts.
 
-    python -m bench.prm_throughput [--games 4] [--candidates 8] [--batch-states 8] [--threads 2]
-        [--dtypes float32 bfloat16]
+    python -m bench.prm_throughput ROLLOUTS_DIR [--episodes 4] [--steps 20] [--candidates 8]
+        [--threads 2] [--dtype bfloat16] [--model PRM_OR_POLICY_FOLDER]
 
-The states are what the policy sees along the handcoded expert's episodes (steps 0, 3, 6
-and 9 of the first `--games` eval_out_of_distribution games); each state's candidates are
-its first `--candidates` admissible commands written as responses ("ACTION: <command>"),
-as Best-of-N scores them. The PRM is the embedded model's backbone with a fresh scalar
-head (speed does not depend on its training). In this process, no Ray, for each weight
-dtype, it times:
-- one at a time: one pair per forward pass;
-- per state: one request of all a state's candidates (what a Best-of-N step sends), full
-  sequences vs the shared prompt;
-- batched: `--batch-states` states' requests merged (what the service does with concurrent
-  requests), full sequences vs the shared prompt.
-Figures are printed and saved as JSON in bench/results/prm_throughput.json.
+ROLLOUTS_DIR holds a policy's step records (e.g. <run>/iter_1/critic/rollouts). It reports:
+- PRM training tokens per epoch over all the rollouts: one pass per episode (Q at every
+  turn) against one sequence per step (the state, re-read at every step, and the action);
+- Best-of-N scoring: the first `--steps` steps of `--episodes` episodes, replayed in order,
+  each step scoring `--candidates` responses (the step's own and others of the rollouts,
+  as a Best-of-N step sends), with the state encoded once and its history cached between
+  steps (`prm_service.share_prompt`) against every (state, response) a full sequence.
+  Pairs per second, forward passes, tokens computed, and the largest score difference.
+In this process, no Ray. Saved as JSON in bench/results/prm_throughput.json with the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -31,74 +29,73 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from agent import format_response, render_prompt  # noqa: E402
-from bench import expert_states, machine  # noqa: E402
-from configs import REPO_ROOT, load_config  # noqa: E402
+from bench import machine  # noqa: E402
+from configs import REPO_ROOT  # noqa: E402
+from learners.qtargets import state_ids  # noqa: E402
 from policy_server import resolve_model  # noqa: E402
 from prm_service import PRMScorer, ScoreRequest, load_prm  # noqa: E402
+from rollout_workers.records import episodes_in_order, read_steps  # noqa: E402
 
 
-def timed(scorer: PRMScorer, batches: list[list[ScoreRequest]]) -> tuple[float, int, list[float]]:
-    """Seconds, forward passes and scores for scoring `batches` one after the other."""
-    passes = scorer.forward_passes
-    start = time.perf_counter()
-    scores = [s for batch in batches for request in scorer.score(batch) for s in request]
-    return time.perf_counter() - start, scorer.forward_passes - passes, scores
+def best_of_n_requests(episodes: list[list[dict]], steps: int, candidates: int, seed: int = 0
+                       ) -> list[ScoreRequest]:
+    """Each step's state with its own response and `candidates` - 1 others of the rollouts."""
+    rng = random.Random(seed)
+    pool = [list(r["response_ids"]) for rows in episodes for r in rows]
+    requests = []
+    for rows in episodes:
+        for row, state in list(zip(rows, state_ids(rows)))[:steps]:
+            requests.append(ScoreRequest(state, [list(row["response_ids"])] + rng.sample(pool, candidates - 1)))
+    return requests
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--games", type=int, default=4)
+    parser.add_argument("rollouts", type=Path)
+    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--candidates", type=int, default=8)
-    parser.add_argument("--batch-states", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the PRM's backbone (speed only)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/prm_throughput.json"))
     args = parser.parse_args()
 
-    cfg = load_config([])
+    episodes = episodes_in_order(read_steps(args.rollouts))
+    if not episodes:
+        raise SystemExit(f"prm_throughput: no step records in {args.rollouts}")
+    per_step = sum(len(s) + len(r["response_ids"]) for rows in episodes for r, s in zip(rows, state_ids(rows)))
+    per_episode = sum(len(r["prompt_ids"]) + len(r["response_ids"]) for rows in episodes for r in rows)
+    results = {"machine": machine(args.threads), "rollouts": str(args.rollouts), "episodes": len(episodes),
+               "steps": sum(map(len, episodes)),
+               "training_tokens_per_epoch": {"episode": per_episode, "per_step": per_step,
+                                             "ratio": round(per_step / per_episode, 2)},
+               "dtype": args.dtype, "runs": []}
+    print(f"PRM training tokens per epoch: {per_episode} as episodes, {per_step} one sequence per step "
+          f"({per_step / per_episode:.1f}x)", flush=True)
+
     torch.set_num_threads(args.threads)
-    model_path = resolve_model(cfg.policy.model)
+    requests = best_of_n_requests(episodes[:args.episodes], args.steps, args.candidates)
+    pairs = sum(len(r.responses) for r in requests)
     with tempfile.TemporaryDirectory() as folder:
-        model, tokenizer = load_prm(model_path, new_head=True)
+        model, tokenizer = load_prm(resolve_model(args.model), new_head=True)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        scorers = {(dtype, share): PRMScorer(folder, device="cpu", dtype=dtype, share_prompt=share)
-                   for dtype in args.dtypes for share in (False, True)}
-    requests = [ScoreRequest(render_prompt(tokenizer, s, cfg.prompt.history_turns),
-                             [format_response(c) for c in s.admissible_commands[:args.candidates]])
-                for s in expert_states(cfg, args.games)]
-    pairs = sum(len(r.responses) for r in requests)
-    one_at_a_time = [[ScoreRequest(r.prompt, [resp])] for r in requests for resp in r.responses]
-    per_state = [[r] for r in requests]
-    batched = [requests[i:i + args.batch_states] for i in range(0, len(requests), args.batch_states)]
-    modes = [("one pair at a time", False, one_at_a_time), ("per state, full sequences", False, per_state),
-             ("per state, shared prompt", True, per_state), ("batched, full sequences", False, batched),
-             ("batched, shared prompt", True, batched)]
-
-    prompt_tokens = [len(tokenizer.encode(r.prompt, add_special_tokens=False)) for r in requests]
-    results = {"machine": machine(args.threads), "model": cfg.policy.model, "states": len(requests), "pairs": pairs,
-               "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
-               "batch_states": args.batch_states, "runs": []}
+        scorers = {share: PRMScorer(folder, device="cpu", dtype=args.dtype, share_prompt=share)
+                   for share in (True, False)}
     reference = None
-    for dtype in args.dtypes:
-        for name, share, batches in modes:
-            scorer = scorers[dtype, share]
-            timed(scorer, batches[:1])  # warm-up
-            seconds, passes, scores = timed(scorer, batches)
-            reference = reference or scores
-            results["runs"].append({
-                "mode": name, "dtype": dtype, "seconds": round(seconds, 2), "forward_passes": passes,
-                "pairs_per_s": round(pairs / seconds, 1),
-                "max_abs_diff_vs_first": round(max(abs(a - b) for a, b in zip(scores, reference)), 6)})
-            print(results["runs"][-1], flush=True)
-            Path(args.out).write_text(json.dumps(results, indent=2))  # written as each mode completes
-    print(f"\n{len(requests)} states x up to {args.candidates} candidates = {pairs} pairs, "
-          f"prompts of {results['prompt_tokens_mean']} tokens on average")
-    print(f"{'mode':<28} {'dtype':<9} {'seconds':>8} {'forward passes':>15} {'pairs/s':>8}")
-    for r in results["runs"]:
-        print(f"{r['mode']:<28} {r['dtype']:<9} {r['seconds']:>8.2f} {r['forward_passes']:>15} "
-              f"{r['pairs_per_s']:>8.1f}")
+    for share, name in ((True, "state encoded once, history cached"), (False, "full sequence per pair")):
+        scorer = scorers[share]
+        start = time.perf_counter()
+        scores = [q for r in requests for q in scorer.score([r])[0]]  # one Best-of-N step after the other
+        seconds = time.perf_counter() - start
+        reference = reference or scores
+        results["runs"].append({"mode": name, "seconds": round(seconds, 2), "pairs": pairs,
+                                "pairs_per_s": round(pairs / seconds, 2), "forward_passes": scorer.forward_passes,
+                                "computed_tokens": scorer.computed_tokens,
+                                "max_abs_diff_vs_first": round(max(abs(a - b) for a, b in zip(scores, reference)), 5)})
+        print(results["runs"][-1], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # written as each mode completes
     print(f"saved {args.out}")
 
 

@@ -182,7 +182,7 @@ def _check_critic(cfg: DictConfig) -> None:
                f"critic.val_fraction={critic.val_fraction} holds out all {critic.num_games} games of critic.num_games")
     _check(critic.pair_margin >= 0, "critic.pair_margin must be >= 0")
     _check(0 <= critic.reset_fraction <= 1, "critic.reset_fraction must be in [0, 1]")
-    _check(cfg.eval.best_of_n >= 0, "eval.best_of_n must be >= 0 (0 = skip)")
+    _check(all(n >= 1 for n in cfg.eval.best_of_n), "eval.best_of_n: every N must be at least 1")
     needs_demos = cfg.mode in ("critic", "train") and (cfg.algorithm == "inverseprm" or critic.reset_fraction > 0)
     collects_demos = cfg.mode == "train" and not cfg.init_policy  # SFT of π0 gathers them first
     _check(not needs_demos or collects_demos or cfg.sft.demos is not None,
@@ -190,7 +190,7 @@ def _check_critic(cfg: DictConfig) -> None:
            "expert demonstrations: sft.demos=<demos.parquet of mode=demos>")
     _check(critic.temperature >= 0 and critic.best_of_n_temperature >= 0, "critic temperatures must be >= 0")
     _check(all(n >= 1 for n in critic.best_of_n), "critic.best_of_n: every N must be at least 1")
-    _check(critic.best_of_n_temperature > 0 or max([*critic.best_of_n, cfg.eval.best_of_n], default=1) <= 1,
+    _check(critic.best_of_n_temperature > 0 or max([*critic.best_of_n, *cfg.eval.best_of_n], default=1) <= 1,
            "critic.best_of_n_temperature must be > 0 when some N (critic.best_of_n, eval.best_of_n) is > 1 "
            "(greedy samples are all alike)")
     _check(cfg.policy.best_of_n >= 1, "policy.best_of_n must be at least 1")

@@ -121,10 +121,10 @@ class EvalConfig:
     # every run, a smaller N a subset of a larger one); null = all.
     num_games: Optional[int] = None
     episodes_per_game: int = 1
-    # mode=train: also Best-of-N(π_{i-1}, Q_{i-1}) and Best-of-N(π_i, Q_{i-1}) in every iteration
-    # (Q_{i-1}: the PRM fit on π_{i-1}'s rollouts; the paper's Figure 5b), with this N and
-    # critic.best_of_n_temperature. 0 = skip.
-    best_of_n: int = 0
+    # mode=train: in every iteration also Best-of-N(π_{i-1}, Q_{i-1}) for each of these N, and
+    # Best-of-N(π_i, Q_{i-1}) for the largest (Q_{i-1}: the PRM fit on π_{i-1}'s rollouts; the
+    # paper's Figures 2 and 5b), sampling at critic.best_of_n_temperature. Empty = skip.
+    best_of_n: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -272,7 +272,10 @@ class PRMServiceConfig:
     trust_remote_code: bool = False
     max_batch_size: int = 64  # (state, action) pairs per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for more requests once the model is free
-    share_prompt: bool = True  # encode each distinct prompt of a batch once (KV cache), then its responses
+    # Encode a state once for all its responses (branches of one row), and keep its KV cache
+    # for the episode's next step; false: every (state, response) is one full sequence.
+    share_prompt: bool = True
+    cached_states: int = 16  # states whose KV cache a replica keeps (an episode's history each; ~46 MB per 2,000 tokens in bf16)
 
 
 @dataclass

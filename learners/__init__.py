@@ -13,13 +13,13 @@ transitions); `trainer.py` the Ray Train job, step loop, checkpoints and
 metrics shared by the recipes; `engines.py` the DeepSpeed and DDP engines; `data.py`
 tokenization and loss masks.
 """
-from learners.data import IGNORE, SFTExample, TokenizedExample, collate, episode_sequences, pack, tokenize
+from learners.data import IGNORE, TokenizedExample, episode_sequences, pack
 from learners.dpo import train_dpo
 from learners.inverse import build_transitions, sample_next_actions, train_inverse_prm, without_outcome
 from learners.prm import train_prm
-from learners.qtargets import build_dataset
+from learners.qtargets import build_dataset, states_of
 from learners.sft import train_sft
 
 __all__ = ["train_sft", "train_prm", "train_dpo", "build_dataset", "build_transitions", "sample_next_actions",
-           "train_inverse_prm", "without_outcome", "SFTExample", "TokenizedExample", "IGNORE",
-           "episode_sequences", "pack", "tokenize", "collate"]
+           "train_inverse_prm", "without_outcome", "states_of", "TokenizedExample", "IGNORE",
+           "episode_sequences", "pack"]

@@ -5,31 +5,21 @@ the same `agent.episode` context the rollout workers build, with the loss on eve
 turn (the response and its end-of-turn token) and nowhere else. Several episodes share a
 micro-batch packed end to end in one row (`pack`), each attending only to itself.
 
-DPO learns (prompt, response) pairs: the prompt's text (what the policy server was fed,
-decoded) is tokenized on its own; the response is followed by the end-of-turn token unless
-it was cut off at the sampling limit.
+DPO learns two responses off one state as branches of one row (`branch_logprobs`).
 """
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
 
-from agent import encode_turn
 from agent.episode import ChatFormat, replay
+from agent.tree import TreeRow
 from rollout_workers.records import episodes_in_order
 
 IGNORE = -100  # label of tokens outside the loss
-
-
-@dataclass(frozen=True)
-class SFTExample:
-    prompt: str
-    response: str
-    ends: bool = True  # the response ended by itself, so its end-of-turn token is learnt (False: cut off at a limit)
 
 
 @dataclass
@@ -75,25 +65,6 @@ def pack(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
             "position_ids": torch.tensor([positions])}
 
 
-def tokenize(tokenizer, example: SFTExample) -> TokenizedExample:
-    ending = tokenizer.eos_token if example.ends else ""
-    prompt, response = encode_turn(tokenizer, example.prompt, example.response + ending)
-    return TokenizedExample(prompt + response, [IGNORE] * len(prompt) + response)
-
-
-def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, :len(e.labels)] = torch.tensor(e.labels)
-        mask[i, :len(e.input_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The same shuffled order on every worker: each takes its own slice of each batch."""
     order = list(range(num_examples))
@@ -103,8 +74,8 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
 
 def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the tokens that follow each kept position, [rows, kept], and the
-    mask of those that are response tokens (labels != IGNORE). A batch is padded
-    (`collate`: attention_mask) or packed (`pack`: position_ids). The model computes logits only
+    mask of those that are response tokens (labels != IGNORE). A batch is packed (`pack`:
+    position_ids) or padded (attention_mask). The model computes logits only
     at the positions that predict a response token (in any row): over a whole prompt,
     [rows, length, vocabulary] logits would take most of the memory, and the LM head over
     ~500 prompt positions a fifth of the compute."""
@@ -118,14 +89,28 @@ def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torc
     return token_logprobs, targets != IGNORE
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the log-probabilities of each row's response tokens (DPO's sequence scores)."""
-    token_logprobs, mask = response_token_logprobs(model, batch)
-    return (token_logprobs * mask).sum(dim=1)
-
-
 def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood over all the batch's response tokens: the SFT loss, as a
     causal LM computes it from `labels`, without the logits of prompt positions."""
     token_logprobs, mask = response_token_logprobs(model, batch)
     return -(token_logprobs * mask).sum() / mask.sum()
+
+
+def branch_logprobs(model, row: TreeRow, branches: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """Sum of the log-probabilities of each branch's tokens (DPO's sequence scores) in a
+    `tree_row` of a trunk and `branches` (each (at, ids), at >= 1): a branch's first token is
+    predicted at the trunk's token at - 1, each later one at the branch's previous token.
+    Logits are computed only at those positions."""
+    trunk_len = row.input_ids.shape[1] - sum(len(ids) for _, ids in branches)
+    predictors, targets, owners, start = [], [], [], trunk_len
+    for b, (at, ids) in enumerate(branches):
+        predictors += [at - 1] + list(range(start, start + len(ids) - 1))
+        targets += ids
+        owners += [b] * len(ids)
+        start += len(ids)
+    device = row.input_ids.device
+    logits = model(**row.model_inputs(), logits_to_keep=torch.tensor(predictors, device=device),
+                   use_cache=False).logits[0].float()
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    return torch.zeros(len(branches), device=device).index_add(0, torch.tensor(owners, device=device),
+                                                               token_logprobs)

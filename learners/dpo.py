@@ -1,11 +1,15 @@
 """Stage 3 of AgentPRM and InversePRM: online DPO of the policy against the PRM.
 
-For a state s from the stage-1 data set, the current policy samples two responses; the PRM
-scores both; the higher is chosen, the lower rejected (ties skipped); the DPO loss compares
-the policy's log-likelihood ratio of the two with that of a frozen reference (the
-iteration's starting policy):
+For a state s from the stage-1 data set (a whole-episode prompt, in the ids the policy was
+fed), the current policy samples two responses; the PRM scores both; the higher is chosen,
+the lower rejected (ties skipped); the DPO loss compares the policy's log-likelihood ratio
+of the two with that of a frozen reference (the iteration's starting policy):
 
     loss = -log sigmoid(beta * ((log pi(c|s) - log pi(r|s)) - (log ref(c|s) - log ref(r|s))))
+
+The two responses are learnt as generated (their ids; an end-of-turn token only where the
+policy wrote one), as two branches off their shared state in one row (`agent.tree`): the
+history is encoded once per pair, with the gradient of both through it.
 
 Steered exploration (`dpo.exploration_prompt`) samples the two responses under a prompt
 with an exploration hint; the PRM and the loss still read the plain prompt s.
@@ -24,7 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agent import command_to_send, steer_prompt
-from learners.data import SFTExample, collate, response_logprobs, tokenize
+from agent.tree import tree_row
+from learners.data import branch_logprobs
+from learners.qtargets import states_of, state_key
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
 from policy_server import SamplingParams
@@ -49,27 +55,31 @@ def kept_pair_weight(kept: int, step_pairs: float, micro_batches: int) -> float:
 
 @dataclass
 class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
+    state: list[int]  # the prompt's ids
+    chosen: list[int]  # response ids as generated
+    rejected: list[int]
     chosen_score: float
     rejected_score: float
     policy_version: int  # the weights that sampled both responses
-    chosen_ends: bool = True  # False: the response was cut off at dpo.max_new_tokens (no end-of-turn token)
-    rejected_ends: bool = True
 
 
-def prefer(prompt: str, responses: list[str], scores: list[float], policy_version: int,
-           ends: tuple[bool, bool] = (True, True)) -> PreferencePair | None:
-    """The PRM's preferred and dispreferred response of two (`ends`: whether each ended by
-    itself); None on a tie: the same score, or the same command (the PRM learnt one Q per
-    command at a state, so a gap between two wordings of one command is noise, not a preference)."""
-    (a, b), (sa, sb), (ea, eb) = responses, scores, ends
-    if command_to_send(a) == command_to_send(b) or sa == sb:
+def prefer(state: list[int], texts: list[str], responses: list[list[int]], scores: list[float],
+           policy_version: int) -> PreferencePair | None:
+    """The PRM's preferred and dispreferred response of two (their texts and ids); None on a
+    tie: the same score, or the same command (the PRM learnt one Q per command at a state, so
+    a gap between two wordings of one command is noise, not a preference)."""
+    (ta, tb), (a, b), (sa, sb) = texts, responses, scores
+    if command_to_send(ta) == command_to_send(tb) or sa == sb:
         return None
     if sa < sb:
-        a, b, sa, sb, ea, eb = b, a, sb, sa, eb, ea
-    return PreferencePair(prompt, a, b, sa, sb, policy_version, ea, eb)
+        a, b, sa, sb = b, a, sb, sa
+    return PreferencePair(state, a, b, sa, sb, policy_version)
+
+
+def pair_logprobs(model, pair: PreferencePair, device) -> torch.Tensor:
+    """log pi(chosen | state) and log pi(rejected | state), the state encoded once."""
+    branches = [(len(pair.state), pair.chosen), (len(pair.state), pair.rejected)]
+    return branch_logprobs(model, tree_row(pair.state, branches).to(device), branches)
 
 
 def train_dpo(cfg, states: Path, init_model: str, policy, prm, out_dir: Path) -> Path:
@@ -89,8 +99,9 @@ class PairSampler:
     t - max_policy_lag x push_every, so the policy server samples them with weights at most
     `max_policy_lag` pushes behind the learner's; each pair keeps the version that sampled it."""
 
-    def __init__(self, policy, prm, states_of_step, dpo: dict, seed: int, total_steps: int):
+    def __init__(self, policy, prm, states_of_step, dpo: dict, seed: int, total_steps: int, tokenizer):
         self.policy, self.prm, self.states_of_step, self.dpo = policy, prm, states_of_step, dpo
+        self.tokenizer = tokenizer  # steered exploration edits the prompt's text
         self.seed, self.total_steps = seed, total_steps
         self.ahead = dpo["max_policy_lag"] * dpo["push_every"]
         self.in_flight: dict[int, list] = {}
@@ -99,19 +110,19 @@ class PairSampler:
         for t in range(step, min(step + self.ahead, self.total_steps) + 1):
             if t not in self.in_flight:
                 self.in_flight[t] = [(state, self._sample(state, t)) for state in self.states_of_step(t)]
-        sampled = [(state, ray.get(ref)) for state, ref in self.in_flight.pop(step)]
-        responses = [[g.text for g in result.generations[0]] for _, result in sampled]
-        scored = ray.get([self.prm.score(state, r) for (state, _), r in zip(sampled, responses)])
-        return [prefer(state, r, s.scores, result.policy_version,
-                       tuple(g.finish_reason != "length" for g in result.generations[0]))
-                for (state, result), r, s in zip(sampled, responses, scored)]
+        sampled = [(state, result.generations[0], result.policy_version)
+                   for state, result in ((state, ray.get(ref)) for state, ref in self.in_flight.pop(step))]
+        scored = ray.get([self.prm.score(state, [g.token_ids for g in samples]) for state, samples, _ in sampled])
+        return [prefer(state, [g.text for g in samples], [g.token_ids for g in samples], s.scores, version)
+                for (state, samples, version), s in zip(sampled, scored)]
 
-    def _sample(self, state: str, step: int):
+    def _sample(self, state: list[int], step: int):
         """Two responses to `state`; with `dpo.exploration_prompt`, to the steered prompt
         (steered exploration: the pair is still scored and learnt under `state`)."""
-        seed = zlib.crc32(f"{self.seed}:{step}:{state}".encode())
+        seed = zlib.crc32(f"{self.seed}:{step}:{state_key(state)}".encode())
         hint = self.dpo["exploration_prompt"]
-        prompt = steer_prompt(state, hint) if hint else state
+        prompt = self.tokenizer.encode(steer_prompt(self.tokenizer.decode(state), hint),
+                                       add_special_tokens=False) if hint else state
         return self.policy.generate([prompt], SamplingParams(n=2, temperature=self.dpo["temperature"],
                                                             max_tokens=self.dpo["max_new_tokens"], seed=seed))
 
@@ -126,13 +137,12 @@ def dpo_recipe(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["init_model"], trust_remote_code=config["trust_remote_code"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # States: the distinct prompts of the stage-1 train games, in a fixed order.
-    targets = pq.read_table(config["states"])
-    states = sorted({p for p, s in zip(targets["prompt"].to_pylist(), targets["split"].to_pylist()) if s == "train"})
-    room = dpo["max_seq_len"] - dpo["max_new_tokens"]  # prompt + response must fit in dpo.max_seq_len
-    states = [s for s in states if len(tokenizer.encode(s, add_special_tokens=False)) <= room]
+    # States: the distinct states of the stage-1 train games, in a fixed order.
+    states = states_of(pq.read_table(config["states"]), "train")
+    room = dpo["max_seq_len"] - 2 * dpo["max_new_tokens"]  # a state and its two responses, in one row
+    states = [s for s in states if len(s) <= room]
     if not states:
-        raise ValueError(f"no train states in {config['states']} within dpo.max_seq_len - dpo.max_new_tokens")
+        raise ValueError(f"no train states in {config['states']} within dpo.max_seq_len - 2 x dpo.max_new_tokens")
     total_steps = count_steps(dpo, len(states))
     if rank == 0:
         print(f"dpo: {len(states)} states, {total_steps} steps of {dpo['batch_size']} on {world} workers, "
@@ -146,11 +156,11 @@ def dpo_recipe(config: dict) -> None:
         config["init_model"], **{**load, "dtype": getattr(torch, learner["dtype"])}).to(device).eval()
     reference.requires_grad_(False)
     engine, optimizer = build_engine(model, dpo, learner, total_steps)
-    share = worker_share(states, dpo["batch_size"], config["seed"], length=len)  # a prompt's characters
-    sampler = PairSampler(policy, config["prm"], share, dpo, config["seed"], total_steps)
+    share = worker_share(states, dpo["batch_size"], config["seed"], length=len)
+    sampler = PairSampler(policy, config["prm"], share, dpo, config["seed"], total_steps, tokenizer)
     # A micro-batch of ties still runs forward and backward (every rank takes part in each
     # step), on this stand-in pair with its loss multiplied by 0.
-    stand_in = PreferencePair(states[0], "", "", 0.0, 0.0, 0)
+    stand_in = PreferencePair(states[0], [pad_id], [pad_id], 0.0, 0.0, 0)
     served = {"version": config["first_version"], "started": False}  # the latest weights on the policy server
     this_step = {"pairs": 0.0, "micro_batches": 0}  # pairs kept on all ranks, micro-batches of all ranks
 
@@ -176,13 +186,10 @@ def dpo_recipe(config: dict) -> None:
 
     def micro_loss(micro: list[PreferencePair | None]) -> tuple[torch.Tensor, dict[str, float]]:
         kept = [p for p in micro if p is not None]
-        examples = [tokenize(tokenizer, SFTExample(p.prompt, r, ends)) for p in kept or [stand_in]
-                    for r, ends in ((p.chosen, p.chosen_ends), (p.rejected, p.rejected_ends))]
-        inputs = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-        logprobs = response_logprobs(engine, inputs)
+        logprobs = torch.stack([pair_logprobs(engine, p, device) for p in kept or [stand_in]])
         with torch.no_grad():
-            ref = response_logprobs(reference, inputs)
-        loss, stats = dpo_loss(logprobs[0::2], logprobs[1::2], ref[0::2], ref[1::2], dpo["beta"])
+            ref = torch.stack([pair_logprobs(reference, p, device) for p in kept or [stand_in]])
+        loss, stats = dpo_loss(logprobs[:, 0], logprobs[:, 1], ref[:, 0], ref[:, 1], dpo["beta"])
         if not kept:  # the same keys in the same order on every rank: they are all-reduced
             return loss * 0.0, {**{k: 0.0 for k in stats}, "policy_lag": 0.0, "tie_rate": 1.0, "tokens": 0.0}
         weight = kept_pair_weight(len(kept), this_step["pairs"], this_step["micro_batches"])
@@ -190,7 +197,7 @@ def dpo_recipe(config: dict) -> None:
         stats["policy_lag"] = sum(lag) / len(lag)
         logged = {k: v * weight for k, v in stats.items()}  # averaged by train_steps: means over kept pairs
         return loss * weight, {**logged, "tie_rate": 1 - len(kept) / len(micro),
-                               "tokens": inputs["attention_mask"].sum().item()}
+                               "tokens": float(sum(len(p.state) + len(p.chosen) + len(p.rejected) for p in kept))}
 
     def after_step(step: int) -> None:
         if step % dpo["push_every"] == 0 or step == total_steps:

@@ -2,8 +2,18 @@
 
     report = train_prm(cfg, dataset_dir, init_model, out_dir)   # -> out_dir/prm, out_dir/prm_report.json
 
-Two losses (`prm.loss`): absolute, binary cross-entropy between sigmoid(Q) and the soft
-target in [0, 1]; relative, Bradley-Terry on preference pairs, -log sigmoid(Q(s, a+) - Q(s, a-)).
+The PRM reads whole episodes: each is one token sequence (the ids the policy saw and
+wrote, `EpisodeSequence`), and one forward pass gives Q(s_t, a_t) at the end of every
+assistant turn, so an episode of T steps costs one pass over its tokens instead of T
+passes over ever longer prompts. Two losses (`prm.loss`, `PRM_LOSSES`):
+
+- absolute: binary cross-entropy between sigmoid(Q) and the soft target in [0, 1], at
+  every turn of the micro-batch's episodes (the mean over their turns: the same as one
+  example per step);
+- relative: Bradley-Terry on preference pairs, -log sigmoid(Q(s, a+) - Q(s, a-)); both
+  actions hang off their shared state in one row (`agent.tree`), so the state is encoded
+  once per pair.
+
 After training, the held-out games measure how well Q separates actions of won and lost
 episodes (AUC over visits), how calibrated sigmoid(Q) is against the targets, and how
 often it orders the held-out pairs right.
@@ -23,31 +33,66 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agent import encode_turn
+from agent.tree import tree_row
+from learners.qtargets import distinct_state_actions, state_ids
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
-from prm_service import load_prm, pad_right
-
-LOSSES = ("absolute", "relative")
-
-
-@dataclass
-class ScoredExample:
-    input_ids: list[int]  # prompt + response
-    target: float  # soft label in [0, 1]
+from prm_service import load_prm
+from prm_service.scorer import head_scores, turn_scores
+from rollout_workers.records import episodes_in_order
 
 
 @dataclass
-class PairExample:
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+class EpisodeSequence:
+    """One context of an episode (a whole episode unless the context rule restarted it) as
+    the policy held it, with each step's turn end, target and (episode, state, action) key."""
+    input_ids: list[int]
+    turn_ends: list[int]  # index of each step's last response token (its prompt's last, if empty)
+    targets: list[float]
+    keys: list[tuple[str, str, str]]
 
 
-def padded_length(example: ScoredExample | PairExample) -> int:
-    """The length a micro-batch pads the example's sequences to."""
-    if isinstance(example, ScoredExample):
-        return len(example.input_ids)
-    return max(len(example.chosen_ids), len(example.rejected_ids))
+@dataclass
+class StatePair:
+    """Two actions at one state: the state's ids, the chosen and the rejected response ids."""
+    state: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def episode_sequences(targets, split: str) -> list[EpisodeSequence]:
+    """Every episode of the split as token sequences (a new one at each context start)."""
+    out: list[EpisodeSequence] = []
+    for rows in episodes_in_order(targets.filter(pc.equal(targets["split"], split))):
+        for row in rows:
+            if row["context_start"] or not out or out[-1].keys[0][0] != row["episode_id"]:
+                out.append(EpisodeSequence([], [], [], []))
+            seq = out[-1]
+            seq.input_ids += list(row["prompt_ids"]) + list(row["response_ids"])
+            seq.turn_ends.append(len(seq.input_ids) - 1)
+            seq.targets.append(row["target"])
+            seq.keys.append((row["episode_id"], row["state_key"], row["action"]))
+    return out
+
+
+def state_pairs(targets, pairs, split: str) -> list[StatePair]:
+    """The split's preference pairs with their state's ids and both responses' ids."""
+    steps = {}
+    for rows in episodes_in_order(targets.filter(pc.equal(targets["split"], split))):
+        for row, ids in zip(rows, state_ids(rows)):
+            steps[(row["episode_id"], row["step"])] = (ids, list(row["response_ids"]))
+    out = []
+    for p in pairs.filter(pc.equal(pairs["split"], split)).to_pylist():
+        state, chosen = steps[(p["chosen_episode"], p["chosen_step"])]
+        out.append(StatePair(state, chosen, steps[(p["rejected_episode"], p["rejected_step"])][1]))
+    return out
+
+
+def pair_scores(model, pair: StatePair, device) -> torch.Tensor:
+    """Q of the chosen and the rejected action, both off the state in one row."""
+    row = tree_row(pair.state, [(len(pair.state), pair.chosen), (len(pair.state), pair.rejected)]).to(device)
+    hidden = model.base_model(**row.model_inputs()).last_hidden_state
+    return head_scores(model, hidden[0, row.branch_ends])
 
 
 def train_prm(cfg, dataset_dir: Path, init_model: str, out_dir: Path) -> dict:
@@ -56,15 +101,14 @@ def train_prm(cfg, dataset_dir: Path, init_model: str, out_dir: Path) -> dict:
     return json.loads((out_dir / "prm_report.json").read_text())
 
 
-def encode(tokenizer, prompt: str, response: str) -> list[int]:
-    prompt_ids, response_ids = encode_turn(tokenizer, prompt, response)
-    return prompt_ids + response_ids
+def absolute_loss(q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft-label cross-entropy of sigmoid(Q) against the rescaled MC targets, mean over turns."""
+    return F.binary_cross_entropy_with_logits(q, targets)
 
 
-def usable(ids: list[int], max_seq_len: int, pad_id: int) -> bool:
-    """Rows the learner keeps: within `prm.max_seq_len`, and not ending in the pad token (the
-    classifier pools its last non-pad token; the service, its last token: they must agree)."""
-    return len(ids) <= max_seq_len and ids[-1] != pad_id
+def relative_loss(q_chosen: torch.Tensor, q_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: -log sigmoid(Q(s, a+) - Q(s, a-)), mean over pairs."""
+    return -F.logsigmoid(q_chosen - q_rejected).mean()
 
 
 def prm_recipe(config: dict) -> None:
@@ -73,91 +117,85 @@ def prm_recipe(config: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir, dataset = Path(config["out_dir"]), Path(config["dataset_dir"])
     model, tokenizer = load_prm(config["init_model"], trust_remote_code=config["trust_remote_code"], new_head=True)
-    pad_id = model.config.pad_token_id
 
-    # Data: the train games' rows; every worker builds the same list and takes its slices.
+    # Data: the train games' episodes (absolute) or pairs (relative); every worker builds the
+    # same list and takes its slices.
     targets = pq.read_table(dataset / "qtargets.parquet")
     pairs = pq.read_table(dataset / "pairs.parquet")
-    train_split = (lambda t: t.filter(pc.equal(t["split"], "train")))
     if prm["loss"] == "absolute":
-        examples = [ScoredExample(encode(tokenizer, p, r), t) for p, r, t in zip(
-            *(train_split(targets)[c].to_pylist() for c in ("prompt", "response", "target")))]
-        kept = [e for e in examples if usable(e.input_ids, prm["max_seq_len"], pad_id)]
+        examples = episode_sequences(targets, "train")
+        length = (lambda e: len(e.input_ids))
     else:
-        examples = [PairExample(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in zip(
-            *(train_split(pairs)[k].to_pylist() for k in ("prompt", "chosen", "rejected")))]
-        kept = [e for e in examples if usable(e.chosen_ids, prm["max_seq_len"], pad_id)
-                and usable(e.rejected_ids, prm["max_seq_len"], pad_id)]
+        examples = state_pairs(targets, pairs, "train")
+        length = (lambda e: len(e.state) + len(e.chosen) + len(e.rejected))
+    kept = [e for e in examples if length(e) <= prm["max_seq_len"]]
     dropped, examples = len(examples) - len(kept), kept
     if not examples:
         raise ValueError(f"no {prm['loss']} training examples in {dataset} within prm.max_seq_len "
                          f"({dropped} dropped; the relative loss needs states with actions whose targets differ)")
     total_steps = count_steps(prm, len(examples))
     if rank == 0:
-        print(f"prm: {len(examples)} {prm['loss']} examples ({dropped} dropped: longer than prm.max_seq_len or "
-              f"ending in the pad token), {total_steps} steps of {prm['batch_size']} on {world} workers", flush=True)
+        what = "episode sequences" if prm["loss"] == "absolute" else "pairs"
+        print(f"prm: {len(examples)} {what} ({sum(map(length, examples))} tokens; {dropped} longer than "
+              f"prm.max_seq_len dropped), {total_steps} steps of {prm['batch_size']} on {world} workers", flush=True)
 
     engine, optimizer = build_engine(model.to(device), prm, learner, total_steps)
-    q_values = q_function(engine, pad_id, device)
 
     def micro_loss(micro: list) -> tuple[torch.Tensor, dict[str, float]]:
         if prm["loss"] == "absolute":
-            q, tokens = q_values([e.input_ids for e in micro])
-            target = torch.tensor([e.target for e in micro], device=device)
-            loss = F.binary_cross_entropy_with_logits(q, target)
-            return loss, {"loss": loss.item(), "tokens": tokens}
-        q, tokens = q_values([e.chosen_ids for e in micro] + [e.rejected_ids for e in micro])
-        margin = q[:len(micro)] - q[len(micro):]
-        loss = -F.logsigmoid(margin).mean()
-        return loss, {"loss": loss.item(), "pair_accuracy": (margin > 0).float().mean().item(), "tokens": tokens}
+            q = torch.cat([turn_scores(engine.module, e.input_ids, e.turn_ends, device) for e in micro])
+            loss = absolute_loss(q, torch.tensor([t for e in micro for t in e.targets], device=device))
+            return loss, {"loss": loss.item(), "tokens": sum(len(e.input_ids) for e in micro)}
+        q = torch.stack([pair_scores(engine.module, e, device) for e in micro])
+        loss = relative_loss(q[:, 0], q[:, 1])
+        return loss, {"loss": loss.item(), "pair_accuracy": (q[:, 0] > q[:, 1]).float().mean().item(),
+                      "tokens": sum(map(length, micro))}
 
-    share = worker_share(examples, prm["batch_size"], config["seed"], length=padded_length)
-    train_steps(engine, optimizer, share, micro_loss, prm, learner, total_steps, out_dir, "prm")
+    train_steps(engine, optimizer, worker_share(examples, prm["batch_size"], config["seed"], length=length),
+                micro_loss, prm, learner, total_steps, out_dir, "prm")
 
-    # Validation on the held-out games: every rank scores a share, rank 0 reports.
+    # Validation on the held-out games: every rank scores a share of the episodes, rank 0 reports.
     engine.module.eval()
-    # A pair's responses are rows of the targets table too: its scores are looked up there.
-    val = [r for r in targets.filter(pc.equal(targets["split"], "val")).to_pylist()
-           if usable(encode(tokenizer, r["prompt"], r["response"]), prm["max_seq_len"], pad_id)]
-    q = score_rows(q_values, [encode(tokenizer, r["prompt"], r["response"]) for r in val], prm["micro_batch_size"],
-                   rank, world)
-    q_of = {(r["prompt"], r["response"]): score for r, score in zip(val, q)}
-    val_pairs = [p for p in pairs.filter(pc.equal(pairs["split"], "val")).to_pylist()
-                 if (p["prompt"], p["chosen"]) in q_of and (p["prompt"], p["rejected"]) in q_of]
+    val = episode_sequences(targets, "val")
+    scores = gather_scores(lambda e: turn_scores(engine.module, e.input_ids, e.turn_ends, device).tolist(), val,
+                           rank, world)
+    q_of = {(key[0], key[1], key[2]): q for e, qs in zip(val, scores) for key, q in zip(e.keys, qs)}
     weights = engine.export_state_dict()
     if rank == 0:
-        report = validation_report(val, q, np.array([q_of[(p["prompt"], p["chosen"])] for p in val_pairs]),
-                                   np.array([q_of[(p["prompt"], p["rejected"])] for p in val_pairs]),
-                                   calibrated=prm["loss"] == "absolute")
-        report.update(loss=prm["loss"], train_examples=len(examples), train_dropped=dropped, steps=total_steps)
+        report = validation_report(targets, pairs, q_of, calibrated=prm["loss"] == "absolute")
+        report.update(loss=prm["loss"], train_examples=len(examples), train_dropped=dropped, steps=total_steps,
+                      val_sequences=len(val), val_tokens=sum(len(e.input_ids) for e in val))
         (out_dir / "prm_report.json").write_text(json.dumps(report, indent=2))
         export_hf(engine.module, weights, tokenizer, out_dir / "prm")
 
 
-def q_function(engine, pad_id: int, device: torch.device) -> Callable[[list[list[int]]], tuple[torch.Tensor, int]]:
-    """Q of a batch of token-id rows (padded on the right), and the batch's token count."""
-    def q_values(rows: list[list[int]]) -> tuple[torch.Tensor, int]:
-        ids, mask = pad_right(rows, pad_id, device)
-        return engine(input_ids=ids, attention_mask=mask).logits[:, 0].float(), mask.sum().item()
-    return q_values
-
-
 @torch.no_grad()
-def score_rows(q_values, rows: list[list[int]], micro_batch_size: int, rank: int, world: int) -> np.ndarray:
-    """Q of every row, each rank scoring rows rank, rank + world, ...; all ranks run the same
-    number of forward passes (sharded parameters need every rank in each one)."""
-    passes = math.ceil(len(rows) / (world * micro_batch_size)) if rows else 0
-    mine = rows[rank::world]
-    scores: list[float] = []
-    for i in range(passes):
-        chunk = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
-        scores += q_values(chunk or rows[:1])[0].tolist()[:len(chunk)]
+def gather_scores(score: Callable[[object], list[float]], items: list, rank: int, world: int) -> list[list[float]]:
+    """`score` of every item, each rank scoring items rank, rank + world, ...; all ranks run
+    the same number of forward passes (sharded parameters need every rank in each one)."""
+    mine = items[rank::world]
+    passes = math.ceil(len(items) / world) if items else 0
+    scores = [score(mine[i] if i < len(mine) else items[0]) for i in range(passes)][:len(mine)]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, scores)
-    out = np.zeros(len(rows))
+    out: list = [None] * len(items)
     for r, part in enumerate(gathered):
         out[r::world] = part
     return out
+
+
+def validation_report(targets, pairs, q_of: dict[tuple[str, str, str], float], bins: int = 10,
+                      calibrated: bool = True) -> dict:
+    """The held-out (state, action) pairs' Q (`q_of`: by (episode, state, action) of a step
+    that took it) against their MC targets and outcomes, and the held-out preference pairs."""
+    val = [r for r in distinct_state_actions(targets) if r["split"] == "val"]
+    q = np.array([q_of[(r["episode_id"], r["state_key"], r["action"])] for r in val])
+    step_key = {(r["episode_id"], r["step"]): (r["episode_id"], r["state_key"], r["action"])
+                for r in targets.filter(pc.equal(targets["split"], "val")).to_pylist()}
+    val_pairs = pairs.filter(pc.equal(pairs["split"], "val")).to_pylist()
+    q_chosen = np.array([q_of[step_key[(p["chosen_episode"], p["chosen_step"])]] for p in val_pairs])
+    q_rejected = np.array([q_of[step_key[(p["rejected_episode"], p["rejected_step"])]] for p in val_pairs])
+    return q_report(val, q, q_chosen, q_rejected, bins, calibrated)
 
 
 def weighted_auc(scores: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> float | None:
@@ -171,7 +209,7 @@ def weighted_auc(scores: np.ndarray, positives: np.ndarray, negatives: np.ndarra
     return float((pos * (negatives_below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
 
 
-def validation_report(val: list[dict], q: np.ndarray, q_chosen: np.ndarray, q_rejected: np.ndarray,
+def q_report(val: list[dict], q: np.ndarray, q_chosen: np.ndarray, q_rejected: np.ndarray,
                       bins: int = 10, calibrated: bool = True) -> dict:
     """AUC of Q between actions of won and lost episodes (over visits), calibration of
     sigmoid(Q) against the MC targets (reliability bins, expected calibration error over

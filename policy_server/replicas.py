@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
 
 import ray
@@ -26,6 +27,13 @@ class Replicas:
 
     def next_replica(self) -> int:
         return next(self._turn) % len(self.servers)
+
+    def replica_for(self, session: str | None) -> int:
+        """The replica of a session (an episode id: its requests share their history, which
+        that replica caches); round-robin without one."""
+        if session is None:
+            return self.next_replica()
+        return zlib.crc32(session.encode()) % len(self.servers)
 
     def call_all(self, method: str, *args, timeout_s: float = 300) -> list:
         """`method(*args)` on every replica, their results in replica order (a replica still

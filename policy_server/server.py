@@ -10,7 +10,6 @@ new ones, loads, and bumps the version. A replica whose weight load failed refus
 from __future__ import annotations
 
 import asyncio
-import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -187,11 +186,6 @@ class PolicyClient(Replicas):
     episode's prompts, which share their history, hit that replica's prefix cache; requests
     without one are spread round-robin. Weight loads go to every replica.
     """
-
-    def replica_for(self, session: Optional[str]) -> int:
-        if session is None:
-            return self.next_replica()
-        return zlib.crc32(session.encode()) % len(self.servers)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
                  session: Optional[str] = None) -> ray.ObjectRef:

@@ -32,7 +32,8 @@ class PRMServer:
     def __init__(self, model_path: str, prm_cfg: dict, version: int = 0):
         torch.set_num_threads(max(1, prm_cfg["torch_threads"] or int(prm_cfg["num_cpus"])))
         self.scorer = PRMScorer(model_path, device=prm_cfg["device"], dtype=prm_cfg["dtype"],
-                                trust_remote_code=prm_cfg["trust_remote_code"], share_prompt=prm_cfg["share_prompt"])
+                                trust_remote_code=prm_cfg["trust_remote_code"], share_prompt=prm_cfg["share_prompt"],
+                                cached_states=prm_cfg["cached_states"])
         self.version = version
         print(f"PRM service: {str(self.scorer.model.dtype).removeprefix('torch.')} on {self.scorer.device.type}, "
               f"{model_path}", flush=True)
@@ -40,9 +41,9 @@ class PRMServer:
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
 
-    async def score(self, prompt: str, responses: list[str]) -> ScoreResult:
+    async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> ScoreResult:
         self._stats["requests"] += 1
-        return await self._batcher.submit(ScoreRequest(prompt, list(responses)))
+        return await self._batcher.submit(ScoreRequest(list(prompt_ids), [list(r) for r in responses]))
 
     async def load(self, model_path: str, version: int) -> int:
         """Load a newer checkpoint (a version not above the current one is ignored); returns
@@ -59,6 +60,7 @@ class PRMServer:
 
     def get_stats(self) -> dict[str, int]:
         return {**self._stats, "batches": self._batcher.batches, "forward_passes": self.scorer.forward_passes,
+                "computed_tokens": self.scorer.computed_tokens,
                 "version": self.version}
 
     def shutdown(self) -> None:
@@ -75,9 +77,12 @@ class PRMClient(Replicas):
     """All PRM replicas behind one handle (picklable: rollout workers and learners hold one);
     requests are spread round-robin, checkpoint loads reach every replica."""
 
-    def score(self, prompt: str, responses: list[str]) -> ray.ObjectRef:
-        """An ObjectRef of a `ScoreResult` (await it in async code, ray.get it elsewhere)."""
-        return self.servers[self.next_replica()].score.remote(prompt, responses)
+    def score(self, prompt_ids: list[int], responses: list[list[int]], session: str | None = None
+              ) -> ray.ObjectRef:
+        """An ObjectRef of a `ScoreResult` (await it in async code, ray.get it elsewhere): Q of
+        each response (ids as generated) to the state `prompt_ids`. Requests of one `session`
+        (an episode) go to one replica, where the state's history is cached."""
+        return self.servers[self.replica_for(session)].score.remote(prompt_ids, responses)
 
     def load(self, model_path: str, version: int, timeout_s: float = 600) -> list[int]:
         """Every replica loads the checkpoint unless it already serves `version` or newer."""

@@ -46,24 +46,23 @@ def plot_reliability(reliability: list[dict], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def plot_success(success: dict[str, float | None], path: Path, title: str,
-                 best_of_n: dict[str, float] | None = None) -> Path:
-    """Success rate of each policy of a run, in order (the paper's Figure 2a); with
-    `best_of_n` ({"pi1+Q0": rate, ...}), Best-of-N of a policy with a PRM beside it (Figure 5b)."""
-    names = [k for k, v in success.items() if v is not None]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(len(names)), [100 * success[k] for k in names], marker="o", label="policy")
-    if best_of_n:
-        points = [(names.index(k.split("+")[0]), 100 * v, k) for k, v in best_of_n.items()
-                  if k.split("+")[0] in names]
-        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], marker="^", color="tab:green",
-                   label="Best-of-N with the PRM", zorder=3)
-        for x, y, key in points:
-            ax.annotate(key.split("+")[1], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-        ax.legend()
-    ax.set_xticks(range(len(names)), names)
-    ax.set(xlabel="policy", ylabel="success rate (%)", title=title)
-    ax.grid(alpha=0.3)
+def plot_success(success: dict[str, float], versus_pi0: dict[str, dict], path: Path, title: str) -> Path:
+    """Success rate of each evaluation of a run, in order (the paper's Figure 2: π0,
+    Best-of-N(π0, Q0), π1, ...), each labelled with its paired p-value against π0."""
+    names = list(success)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.8))
+    bars = ax.bar(range(len(names)), [100 * success[k] for k in names],
+                  color=["tab:gray" if k == "pi0" else "tab:green" if k.startswith("BoN") else "tab:blue"
+                         for k in names])
+    for bar, name in zip(bars, names):
+        label = f"{100 * success[name]:.1f}%"
+        if name in versus_pi0:
+            label += f"\np={versus_pi0[name]['p_value']:.2g}"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7, textcoords="offset points", xytext=(0, 2))
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="success rate (%)", ylim=(0, 115), title=title)
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 

@@ -30,7 +30,7 @@ from rollout_workers.worker import EpisodeTask
 
 class RewardHackingMonitor:
     def __init__(self, policy: PolicyClient, prm: PRMClient, workers: list, envs_per_worker: int,
-                 states: list[str], tasks: list[EpisodeTask], sampling: SamplingParams, out: Path,
+                 states: list[list[int]], tasks: list[EpisodeTask], sampling: SamplingParams, out: Path,
                  every: int = 1, poll_s: float = 5.0):
         self.policy, self.prm, self.workers, self.envs_per_worker = policy, prm, workers, envs_per_worker
         self.states, self.tasks, self.sampling, self.out = states, tasks, sampling, out
@@ -81,7 +81,7 @@ class RewardHackingMonitor:
         if self.states:
             generated = ray.get([self.policy.generate([s], replace(self.sampling, seed=i))
                                  for i, s in enumerate(self.states)])
-            responses = [g.generations[0][0].text for g in generated]
+            responses = [g.generations[0][0].token_ids for g in generated]
             scored = ray.get([self.prm.score(s, [r]) for s, r in zip(self.states, responses)])
             scores = [s.scores[0] for s in scored]
         episodes = self.out / f"episodes_v{version}"

@@ -123,19 +123,22 @@ class RolloutWorker:
         samples = result.generations[0]
         if self.prm is None:
             return Action(samples[0].text, samples[0].token_ids, result.policy_version)
-        return await self._best_of_n(self.tokenizer.decode(fed.prompt_ids), samples, result.policy_version)
+        return await self._best_of_n(fed.prompt_ids, samples, result.policy_version, task.episode_id)
 
-    async def _best_of_n(self, prompt: str, samples: list[Generation], policy_version: int) -> Action:
+    async def _best_of_n(self, prompt_ids: list[int], samples: list[Generation], policy_version: int,
+                         episode_id: str) -> Action:
         """The PRM's argmax among the samples, one per distinct command (the first sample that
         sends it); invalid samples compete too: the PRM has seen such actions fail. When every
-        sample sends the same command there is nothing to choose and the PRM is not asked."""
+        sample sends the same command there is nothing to choose and the PRM is not asked. The
+        PRM reads the ids the policy saw and wrote; an episode's requests go to one PRM replica,
+        which keeps its history cached."""
         by_command: dict[str, Generation] = {}
         for sample in samples:
             by_command.setdefault(command_to_send(sample.text), sample)
         candidates = list(by_command.values())
         if len(candidates) == 1:
             return Action(candidates[0].text, candidates[0].token_ids, policy_version)
-        scored = await self.prm.score(prompt, [c.text for c in candidates])
+        scored = await self.prm.score(prompt_ids, [c.token_ids for c in candidates], session=episode_id)
         best = max(range(len(candidates)), key=lambda i: scored.scores[i])  # the first of equal scores
         return Action(candidates[best].text, candidates[best].token_ids, policy_version, len(candidates),
                       scored.scores[best])

@@ -7,9 +7,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learners import IGNORE, SFTExample, collate, tokenize
-from learners.data import response_logprobs
-from learners.dpo import dpo_loss, kept_pair_weight, prefer
+from learners.dpo import PreferencePair, dpo_loss, kept_pair_weight, pair_logprobs, prefer
 
 
 def test_dpo_loss_and_gradient_by_hand():
@@ -26,31 +24,44 @@ def test_dpo_loss_and_gradient_by_hand():
     assert same.item() == pytest.approx(math.log(2))
 
 
-def test_response_logprobs_sum_the_response_tokens_only(tiny_model):
+def test_dpo_with_a_shared_state_equals_two_full_sequences(tiny_model):
+    """Chosen and rejected off one encoding of their state: the same sequence log-probabilities,
+    DPO loss and gradient as each response after its own copy of the state."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    prompt = "<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n"
-    examples = [tokenize(tokenizer, SFTExample(prompt, r)) for r in ("ACTION: look", "ACTION: go to shelf 1")]
-    batch = collate(examples, tokenizer.pad_token_id)
-    with torch.no_grad():
-        got = response_logprobs(model, batch)
-        for i, e in enumerate(examples):  # one at a time, token by token
-            logprobs = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0], dim=-1)
-            want = sum(logprobs[t - 1, e.input_ids[t]].item() for t in range(len(e.input_ids)) if e.labels[t] != IGNORE)
-            assert got[i].item() == pytest.approx(want, abs=1e-4)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    state = tokenizer.encode("<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n")
+    pair = PreferencePair(state, tokenizer.encode("ACTION: look") + [tokenizer.eos_token_id],
+                          tokenizer.encode("REASON: the desk is far and"), 0.7, 0.1, 0)  # the second cut off
+
+    def full_sequence(m, response):  # token by token, one sequence
+        ids = state + response
+        logprobs = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+        return sum(logprobs[t - 1, ids[t]] for t in range(len(state), len(ids)))
+
+    def loss_and_grad(logprobs_of):
+        model.zero_grad()
+        with torch.no_grad():
+            ref = logprobs_of(reference)
+        mine = logprobs_of(model)
+        loss, _ = dpo_loss(mine[:1], mine[1:], ref[:1], ref[1:], beta=0.5)
+        loss.backward()
+        return mine.detach(), loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    shared = loss_and_grad(lambda m: pair_logprobs(m, pair, "cpu"))
+    full = loss_and_grad(lambda m: torch.stack([full_sequence(m, pair.chosen), full_sequence(m, pair.rejected)]))
+    for a, b in zip(shared, full):  # float32 sums in another order: gradients agree to ~1e-5
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-3, atol=1e-4)
 
 
 def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
-    pair = prefer("s", ["ACTION: look", "ACTION: go to shelf 1"], [0.1, 0.7], policy_version=3)
-    assert (pair.chosen, pair.rejected, pair.chosen_score, pair.policy_version) == (
-        "ACTION: go to shelf 1", "ACTION: look", 0.7, 3)
-    assert prefer("s", ["ACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None  # the same response twice
-    assert prefer("s", ["ACTION: look", "ACTION: go"], [0.5, 0.5], 0) is None
-    # A response cut off at the sampling limit keeps that mark through the ordering.
-    cut = prefer("s", ["ACTION: look", "REASON: the desk is far and"], [0.1, 0.7], 0, ends=(True, False))
-    assert (cut.chosen, cut.chosen_ends, cut.rejected_ends) == ("REASON: the desk is far and", False, True)
+    texts, ids = ["ACTION: look", "ACTION: go to shelf 1"], [[1], [2, 3]]
+    pair = prefer([9], texts, ids, [0.1, 0.7], policy_version=3)
+    assert (pair.chosen, pair.rejected, pair.chosen_score, pair.policy_version) == ([2, 3], [1], 0.7, 3)
+    assert prefer([9], ["ACTION: look", "ACTION: look"], ids, [0.1, 0.7], 0) is None  # the same response twice
+    assert prefer([9], ["ACTION: look", "ACTION: go"], ids, [0.5, 0.5], 0) is None
     # Two wordings of one command: the PRM learnt one Q per command, so their gap is noise.
-    assert prefer("s", ["REASON: a.\nACTION: look", "ACTION: look"], [0.1, 0.7], 0) is None
+    assert prefer([9], ["REASON: a.\nACTION: look", "ACTION: look"], ids, [0.1, 0.7], 0) is None
 
 
 def test_a_steps_dpo_loss_is_the_mean_over_its_kept_pairs_whatever_the_ties():
@@ -73,8 +84,11 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
 
     prompt = "<|im_start|>user\nYour task is to: put a clean mug in coffeemachine. Room {}<|im_end|>\n" \
              "<|im_start|>assistant\n"
-    pq.write_table(pa.table({"prompt": [prompt.format(i) for i in range(8)], "split": ["train"] * 8}),
-                   tmp_path / "qtargets.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pq.write_table(pa.table({  # stage 1's step rows: 8 one-step episodes, each state its own
+        "episode_id": [f"g{i}#0" for i in range(8)], "step": [0] * 8, "split": ["train"] * 8,
+        "context_start": [True] * 8, "prompt_ids": [tokenizer.encode(prompt.format(i)) for i in range(8)],
+        "response_ids": [tokenizer.encode("ACTION: look")] * 8}), tmp_path / "qtargets.parquet")
     cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
                        "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
                        "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "policy.model": tiny_model,
@@ -120,8 +134,10 @@ def test_reward_hacking_monitor_measures_prm_score_and_success_per_version(ray_l
     policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
     workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
-    states = ["<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n",
-              "<|im_start|>user\nYour task is to: put a mug in cabinet.<|im_end|>\n<|im_start|>assistant\n"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    states = [tokenizer.encode(s) for s in (
+        "<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nYour task is to: put a mug in cabinet.<|im_end|>\n<|im_start|>assistant\n")]
     monitor = RewardHackingMonitor(policy, prm, workers, 2, states, [EpisodeTask(g, 0, 0) for g in ood_games[:2]],
                                    SamplingParams(max_tokens=6), tmp_path, poll_s=0.2)
     try:

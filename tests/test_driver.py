@@ -163,7 +163,7 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
     dataset = json.loads((critic / "dataset.json").read_text())
     assert dataset["episodes"] == 4 and dataset["transitions"] == 12 and dataset["rollouts"]["split"] == "train"
     assert sum(dataset["target_histogram"]["counts"]) == dataset["unique_state_actions"]
-    assert pq.read_table(critic / "qtargets.parquet").num_rows == dataset["unique_state_actions"]
+    assert pq.read_table(critic / "qtargets.parquet").num_rows == dataset["transitions"]  # one row per step
     assert (critic / "prm/model.safetensors").is_file() and (critic / "qtargets.png").is_file()
     assert json.loads((critic / "prm/config.json").read_text())["architectures"][0].endswith(
         "ForSequenceClassification")
@@ -176,12 +176,12 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
         steps = pq.read_table(critic / f"bon/bon_{n}").to_pylist()
         assert all(1 <= s["candidates"] <= n and (s["prm_score"] is None) == (s["candidates"] == 1) for s in steps)
     first = proc.stdout + proc.stderr
-    assert "stage 2: PRM" in first and "llm on train" in first and "absolute examples" in first
+    assert "stage 2: PRM" in first and "llm on train" in first and "episode sequences" in first
     # Re-running redoes nothing: no rollouts, no training (the PRM folder stays as it was).
     mtime = (critic / "prm/model.safetensors").stat().st_mtime_ns
     again = run_driver(*args)
     assert (critic / "prm/model.safetensors").stat().st_mtime_ns == mtime
-    assert "llm on train" not in again.stdout + again.stderr and "absolute examples" not in again.stdout + again.stderr
+    assert "llm on train" not in again.stdout + again.stderr and "episode sequences" not in again.stdout + again.stderr
 
 
 def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_path):
@@ -224,6 +224,9 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
     run_driver(*args)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["success_rate"]) == ["pi0", "pi1", "pi2"] and (run_dir / "success.png").is_file()
+    for name in ("pi1", "pi2"):  # each paired with π0 on the same game
+        versus = summary["paired_vs_pi0"][name]
+        assert versus["games"] == 1 and versus["a_only"] + versus["b_only"] <= 1 and 0 <= versus["p_value"] <= 1
     walls = summary["stage_wall_s"]  # every stage, in the order they finished
     assert list(walls) == ["eval_pi0"] + [f"iter_{i}/{s}" for i in (1, 2)
                                           for s in ("critic", "critic/prm_stage", "dpo", "eval")]
@@ -255,16 +258,20 @@ def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tm
         "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2",
         "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2", "dpo.batch_size=2",
         "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0",
-        "dpo.exploration_prompt=Explore.", "eval.num_games=1", "eval.best_of_n=2")
+        "dpo.exploration_prompt=Explore.", "eval.num_games=1", "eval.best_of_n=[1,2]")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["algorithm"] == "inverseprm" and list(summary["success_rate"]) == ["pi0", "pi1", "pi2"]
-    assert list(summary["best_of_n"]["success_rate"]) == ["pi0+Q0", "pi1+Q0", "pi1+Q1", "pi2+Q1"]
+    assert summary["algorithm"] == "inverseprm" and list(summary["success_rate"]) == [
+        "pi0", "BoN-1(pi0,Q0)", "BoN-2(pi0,Q0)", "pi1", "BoN-2(pi1,Q0)", "BoN-1(pi1,Q1)", "BoN-2(pi1,Q1)", "pi2",
+        "BoN-2(pi2,Q1)"]
+    assert set(summary["paired_vs_pi0"]) == set(summary["success_rate"]) - {"pi0"}
     for i in (1, 2):
         critic = run_dir / f"iter_{i}/critic"
         rows = pq.read_table(critic / "transitions.parquet").to_pylist()
         expert = [r for r in rows if r["source"] == "expert"]
-        assert 0 < len(expert) == len(rows) - len(expert) and {r["label"] for r in expert} == {1.0}
-        assert all(r["terminal"] == (r["next_response"] is None) for r in rows)
+        kept = [r for r in rows if r["kept"]]
+        assert 0 < sum(r["source"] == "expert" for r in kept) == len(kept) / 2 and {r["label"] for r in expert} == {1.0}
+        assert all(r["next_response_ids"] is None for r in rows if r["terminal"] or r["source"] == "policy")
+        assert all(r["next_response_ids"] for r in expert if r["kept"] and not r["terminal"])
         report = json.loads((critic / "prm_report.json").read_text())
         assert report["loss"] == "inverse" and report["steps"] == 2
         assert json.loads((run_dir / f"iter_{i}/bon_after/eval.json").read_text())["best_of_n"] == 2

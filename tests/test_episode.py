@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent import SYSTEM_PROMPT, AgentState, render_prompt
-from agent.episode import ChatFormat, EpisodeContext, WindowContext, first_user_turn
+from agent.episode import ChatFormat, EpisodeContext, first_user_turn
 from learners.data import IGNORE, episode_sequences, pack, response_nll
 from rollout_workers import SCHEMA, EpisodeTask
 from rollout_workers.worker import RolloutWorker

@@ -1,8 +1,11 @@
 """InversePRM (transitions, balance, the loss, no outcome reward) and the exploration options."""
 import asyncio
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -12,23 +15,29 @@ from omegaconf import OmegaConf
 from agent import SYSTEM_PROMPT, render_prompt, steer_prompt
 from learners import build_transitions, train_inverse_prm, without_outcome
 from learners.dpo import PairSampler
-from learners.inverse import balance, implied_rewards, transitions
+from learners.inverse import balance, implied_rewards, sequence_q, transition_sequences, transitions
+from learners.qtargets import state_ids
+from rollout_workers.records import episodes_in_order
 from policy_server import GenerateResult, Generation
 from prm_service.server import ScoreResult
 from rollout_workers import RolloutWorker
 from rollout_workers.worker import EpisodeTask
 from tests.conftest import small_cfg
-from tests.test_prm import PROMPT, episode, table
+from tests.test_prm import PROMPT, episode, ids_of, table
 
 
 def test_transitions_pair_each_step_with_the_next_and_end_terminal():
     steps = without_outcome(table(episode("t/a", 0, ["s0", "s1", "s2"], ["a", "b", "c"], won=True),
                                   episode("t/b", 0, ["u0"], ["d"], won=False)))
-    rows = transitions(steps, "policy")
-    assert [(r["prompt"], r["response"], r["next_prompt"], r["next_response"], r["terminal"]) for r in rows] == [
-        ("s0", "ACTION: a", "s1", "ACTION: b", False), ("s1", "ACTION: b", "s2", "ACTION: c", False),
-        ("s2", "ACTION: c", None, None, True), ("u0", "ACTION: d", None, None, True)]
-    assert {r["label"] for r in rows} == {0.0} and {r["label"] for r in transitions(steps, "expert")} == {1.0}
+    episodes = transitions(steps, "policy")
+    assert [[(r["step"], r["terminal"], r["kept"]) for r in rows] for rows in episodes] == [
+        [(0, False, True), (1, False, True), (2, True, True)], [(0, True, True)]]
+    assert {r["label"] for rows in episodes for r in rows} == {0.0}
+    assert {r["label"] for rows in transitions(steps, "expert") for r in rows} == {1.0}
+    # A successor that starts a new context (the context rule) leaves its transition out.
+    restarted = steps.set_column(steps.schema.get_field_index("context_start"), "context_start",
+                                 pa.array([True, False, True, True]))
+    assert [r["kept"] for r in transitions(restarted, "policy")[0]] == [True, False, True]
 
 
 def test_balance_samples_the_larger_side_down_and_keeps_order():
@@ -48,11 +57,11 @@ def test_no_outcome_reward_reaches_inverse_prm(tmp_path):
         transitions(table(*policy), "policy")
     flipped = [[s.__class__(**{**vars(s), "won": not s.won, "reward": 1.0 - s.reward, "done": not s.done}) for s in e]
                for e in policy]
-    asked: list[list[str]] = []
+    asked: list[list[list[int]]] = []
 
-    def sample_next(prompts: list[str]) -> list[str]:
-        asked.append(prompts)
-        return [f"ACTION: next after {p}" for p in prompts]
+    def sample_next(states: list[list[int]]) -> list[list[int]]:
+        asked.append(states)
+        return [ids_of("ACTION: next") + s[-2:] for s in states]
 
     tables = []
     for name, episodes in (("as-played", policy), ("flipped", flipped)):
@@ -60,12 +69,44 @@ def test_no_outcome_reward_reaches_inverse_prm(tmp_path):
                           tmp_path / name, val_fraction=0.0, seed=0)
         tables.append(pq.read_table(tmp_path / name / "transitions.parquet"))
     assert tables[0].equals(tables[1])
-    rows = tables[0].to_pylist()
+    rows = [r for r in tables[0].to_pylist() if r["kept"]]
     positives = [r for r in rows if r["source"] == "expert"]
     assert len(positives) == 2 == len(rows) - len(positives)  # balanced: 2 expert vs 5 policy transitions
-    # a' of an expert transition is the policy's response at s'; the terminal one has none.
-    assert asked[0] == ["x1"] and positives[0]["next_response"] == "ACTION: next after x1"
-    assert positives[1]["terminal"] and positives[1]["next_prompt"] is None
+    # a' of an expert transition is the policy's response at s' (the whole prompt); the terminal one has none.
+    s1 = ids_of("x0") + ids_of("ACTION: go") + ids_of("x1")
+    assert asked[0] == [s1] and positives[0]["next_response_ids"] == ids_of("ACTION: next") + s1[-2:]
+    assert positives[1]["terminal"] and positives[1]["next_response_ids"] is None
+
+
+def test_inverse_prm_rewards_from_one_pass_equal_the_per_transition_form(tiny_prm):
+    """Q(s, a) and Q(s', a') of every kept transition, the expert's a' as a branch, from one
+    pass over the episode: the same as each (state, action) scored as its own sequence."""
+    from prm_service import load_prm
+    from prm_service.scorer import last_token_scores
+
+    expert = without_outcome(table(episode("e/0", 0, ["x0", "x1", "x2"], ["go", "take", "put"], won=True)))
+    policy = without_outcome(table(episode("p/0", 0, ["y0", "y1", "y2"], ["look", "go", "look"], won=False)))
+    out = Path(tempfile.mkdtemp())
+    build_transitions(expert, policy, lambda states: [ids_of(f"a{len(s)}") for s in states], out, 0.0, seed=0)
+    table_ = pq.read_table(out / "transitions.parquet")
+    model, _ = load_prm(tiny_prm)
+
+    def q(ids):
+        return last_token_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+
+    with torch.no_grad():
+        episodes = episodes_in_order(table_)  # one context each: one sequence each, in the same order
+        for seq, rows in zip(transition_sequences(table_, "train"), episodes, strict=True):
+            got_q, got_next, terminal = sequence_q(model, seq, "cpu")
+            states = state_ids(rows)
+            want_q, want_next = [], []
+            for i, r in enumerate(rows):
+                want_q.append(q(states[i] + r["response_ids"]))
+                nxt = None if r["terminal"] else r["next_response_ids"] or rows[i + 1]["response_ids"]
+                want_next.append(0.0 if nxt is None else q(states[i + 1] + nxt))
+            np.testing.assert_allclose(got_q.tolist(), want_q, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(got_next.tolist(), want_next, rtol=1e-4, atol=1e-4)
+            assert terminal.tolist() == [False, False, True]
 
 
 def test_implied_reward_by_hand():
@@ -75,16 +116,20 @@ def test_implied_reward_by_hand():
 
 
 @pytest.fixture(scope="module")
-def toy_transitions(tmp_path_factory):
+def toy_transitions(tiny_model, tmp_path_factory):
     """16 games: the expert takes the mug, the policy looks around; separable by the action."""
+    from transformers import AutoTokenizer
+
+    encode = AutoTokenizer.from_pretrained(tiny_model).encode
     states = [f"{PROMPT}You are in room {i}. Admissible commands: look, take mug {i}" for i in range(16)]
-    expert = [episode(f"room{i}/e", 0, [s, s + " You hold it."], [f"take mug {i}", "look"], True)
+    expert = [episode(f"room{i}/e", 0, [s, " You hold it."], [f"take mug {i}", "look"], True, encode)
               for i, s in enumerate(states)]
-    policy = [episode(f"room{i}/p", 0, [s, s + " Nothing happens."], ["look", "look"], False)
+    policy = [episode(f"room{i}/p", 0, [s, " Nothing happens."], ["look", "look"], False, encode)
               for i, s in enumerate(states)]
     out = tmp_path_factory.mktemp("transitions")
     summary = build_transitions(without_outcome(table(*expert)), without_outcome(table(*policy)),
-                                lambda prompts: ["look" for _ in prompts], out, val_fraction=0.25, seed=0)
+                                lambda states: [encode("ACTION: look") for _ in states], out, val_fraction=0.25,
+                                seed=0)
     assert summary["per_side"] == 32 and summary["terminal"] == {"expert": 16, "policy": 16}
     assert summary["val_games"] == 8  # 4 of 16 rooms, each with an expert and a policy game
     return out
@@ -99,7 +144,7 @@ def test_inverse_prm_learner_separates_expert_from_policy_transitions(ray_local,
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     n = len(records) // 3
     assert np.mean([r["loss"] for r in records[-n:]]) < 0.5 * np.mean([r["loss"] for r in records[:n]])
-    assert report["val_transitions"] == 16 and report["auc"] == 1.0 and report["accuracy"] == 1.0
+    assert report["val_transitions"] == 16 and report["auc"] == 1.0 and report["accuracy"] >= 0.75
     assert report["mean_reward"]["expert"] > 0 > report["mean_reward"]["policy"]
     assert (tmp_path / "prm/model.safetensors").is_file()
 
@@ -118,30 +163,35 @@ def test_steered_prompt_adds_the_hint_after_the_system_instructions(tiny_model):
 
 class RecordingPolicy:
     def __init__(self):
-        self.prompts: list[str] = []
+        self.prompts: list[list[int]] = []
 
     def generate(self, prompts, params):
         self.prompts += prompts
-        return ray.put(GenerateResult([[Generation(t, [], [], "stop") for t in ("ACTION: a", "ACTION: b")]], 0))
+        return ray.put(GenerateResult([[Generation(t, ids_of(t), [], "stop") for t in ("ACTION: a", "ACTION: b")]],
+                                      0))
 
 
-class LengthPRM:
+class LastTokenPRM:
     def __init__(self):
-        self.prompts: list[str] = []
+        self.prompts: list[list[int]] = []
 
-    def score(self, prompt, responses):
-        self.prompts.append(prompt)
-        return ray.put(ScoreResult([float(r.endswith("b")) for r in responses], 0))
+    def score(self, prompt_ids, responses):
+        self.prompts.append(prompt_ids)
+        return ray.put(ScoreResult([float(r[-1] == ord("b")) for r in responses], 0))
 
 
-def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_prompt(ray_local):
-    state = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\ns<|im_end|>\n"
-    policy, prm = RecordingPolicy(), LengthPRM()
+def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_prompt(ray_local, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\ns<|im_end|>\n"
+    state = tokenizer.encode(text)
+    policy, prm = RecordingPolicy(), LastTokenPRM()
     dpo = {"max_policy_lag": 0, "push_every": 1, "temperature": 0.7, "max_new_tokens": 8,
            "exploration_prompt": "Explore."}
-    pairs = PairSampler(policy, prm, lambda step: [state], dpo, seed=0, total_steps=1).pairs(1)
-    assert policy.prompts == [steer_prompt(state, "Explore.")]
-    assert prm.prompts == [state] and pairs[0].prompt == state and pairs[0].chosen == "ACTION: b"
+    pairs = PairSampler(policy, prm, lambda step: [state], dpo, seed=0, total_steps=1, tokenizer=tokenizer).pairs(1)
+    assert policy.prompts == [tokenizer.encode(steer_prompt(text, "Explore."))]
+    assert prm.prompts == [state] and pairs[0].state == state and pairs[0].chosen == ids_of("ACTION: b")
 
 
 def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_games):

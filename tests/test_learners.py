@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omegaconf import OmegaConf
 
-from learners import IGNORE, SFTExample, collate, tokenize, train_sft
+from learners import IGNORE, TokenizedExample, pack, train_sft
 from learners.data import response_nll
 from learners.export import export_checkpoint
 from policy_server import SamplingParams, start_policy_servers
@@ -47,18 +47,6 @@ def losses(out_dir) -> list[float]:
     return [r["loss"] for r in records]
 
 
-def test_loss_mask_covers_exactly_the_response_tokens(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    prompt = "<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n"
-    example = tokenize(tokenizer, SFTExample(prompt, "ACTION: look"))
-    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
-    assert example.labels[:n_prompt] == [IGNORE] * n_prompt
-    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]  # every response token, no other
-    assert tokenizer.decode(example.input_ids[n_prompt:]) == "ACTION: look<|im_end|>"
-    cut = tokenize(tokenizer, SFTExample(prompt, "REASON: the desk is", ends=False))  # cut off: no end-of-turn
-    assert tokenizer.decode(cut.input_ids[n_prompt:]) == "REASON: the desk is"
-
-
 def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
     # Prompts of different lengths, so the rows' response positions differ.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -66,10 +54,13 @@ def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
     prompts = ["<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n",
                "<|im_start|>user\nYour task is to: put a clean mug in the coffeemachine.<|im_end|>\n"
                "<|im_start|>assistant\n"]
-    examples = [tokenize(tokenizer, SFTExample(p, r)) for p, r in zip(prompts, ("ACTION: look", "ACTION: go to shelf 1"))]
-    batch = collate(examples, tokenizer.pad_token_id)
+    examples = []
+    for prompt, response in zip(prompts, ("ACTION: look", "ACTION: go to shelf 1")):
+        prompt_ids, response_ids = tokenizer.encode(prompt), tokenizer.encode(response) + [tokenizer.eos_token_id]
+        examples.append(TokenizedExample(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids))
+    batch = pack(examples)
     ours = response_nll(model, batch)
-    theirs = model(**batch).loss
+    theirs = model(**batch, use_cache=False).loss  # packed: without a cache, position_ids mark the sequences
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
     ours.backward()
     ours_grad = model.model.embed_tokens.weight.grad.clone()

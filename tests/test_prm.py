@@ -11,10 +11,12 @@ import pytest
 import ray
 
 from learners import build_dataset, train_prm
-from learners.prm import weighted_auc
-from learners.qtargets import preference_pairs, q_targets, split_games
+from learners.prm import (EpisodeSequence, StatePair, absolute_loss, pair_scores, relative_loss,
+                          weighted_auc)
+from learners.qtargets import distinct_state_actions, preference_pairs, q_targets, split_games, state_ids
 from policy_server import Generation
-from prm_service import PRMScorer, ScoreRequest, load_prm, start_prm_servers
+from prm_service import PRMScorer, ScoreRequest, last_token_scores, load_prm, start_prm_servers
+from prm_service.scorer import turn_scores
 from rollout_workers import SCHEMA, StepRecord
 from rollout_workers.worker import RolloutWorker
 from tests.conftest import small_cfg
@@ -22,13 +24,22 @@ from tests.conftest import small_cfg
 PROMPT = "<|im_start|>user\nYour task is to: put a clean mug in coffeemachine.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def episode(game: str, index: int, prompts: list[str], actions: list[str], won: bool) -> list[StepRecord]:
+def ids_of(text: str) -> list[int]:
+    """Stand-in token ids for the Q-target tests (no model reads them)."""
+    return [ord(c) for c in text]
+
+
+def episode(game: str, index: int, prompts: list[str], actions: list[str], won: bool,
+            encode=ids_of) -> list[StepRecord]:
+    """An episode whose step t is fed `prompts[t]` (the ids that extend the sequence, `encode`d)
+    and answers `actions[t]`: its state is everything before, so equal histories are equal states."""
     last = len(actions) - 1
     return [StepRecord(game_id=game, task_type="pick", episode_id=f"{game}#{index}", step=t, task="t", room="r",
-                       admissible_commands=[], prompt=p, prompt_ids=[], context_start=t == 0, context_rule=False,
-                       response=f"ACTION: {a}", response_ids=[], action=a, valid=True, observation="o",
-                       reward=float(won and t == last), done=t == last, won=won and t == last, policy_version=0,
-                       worker_id=0)
+                       admissible_commands=[], prompt=p, prompt_ids=encode(p), context_start=t == 0,
+                       context_rule=False, response=f"ACTION: {a}", response_ids=encode(f"ACTION: {a}"), action=a,
+                       valid=True,
+                       observation="o", reward=float(won and t == last), done=t == last, won=won and t == last,
+                       policy_version=0, worker_id=0)
             for t, (p, a) in enumerate(zip(prompts, actions))]
 
 
@@ -36,31 +47,44 @@ def table(*episodes) -> pa.Table:
     return pa.Table.from_pylist([vars(s) for e in episodes for s in e], schema=SCHEMA)
 
 
+def by_step(targets: pa.Table) -> dict[tuple[str, int], dict]:
+    return {(r["episode_id"], r["step"]): r for r in targets.to_pylist()}
+
+
+def test_state_ids_are_the_whole_prompt_and_restart_with_a_context():
+    rows = [{"context_start": True, "prompt_ids": [1, 2], "response_ids": [3]},
+            {"context_start": False, "prompt_ids": [4], "response_ids": [5, 6]},
+            {"context_start": True, "prompt_ids": [7, 8], "response_ids": [9]}]
+    assert state_ids(rows) == [[1, 2], [1, 2, 3, 4], [7, 8]]
+
+
 def test_q_targets_merge_discount_rescale_and_pair():
     g = 0.9
     steps = table(episode("g", 0, ["s0", "s1"], ["a", "b"], won=True),          # returns g, 1
                   episode("g", 1, ["s0", "s1x", "s2"], ["a", "c", "d"], won=False),  # -g^2, -g, -1
                   episode("g", 2, ["s0"], ["e"], won=False))                    # -1
-    rows = {(r["prompt"], r["action"]): r for r in q_targets(steps, g, "to_go", set()).to_pylist()}
-    assert len(rows) == 5  # (s0, a) was visited twice and is merged
-    merged = rows[("s0", "a")]
-    assert merged["visits"] == 2 and merged["wins"] == 1
-    assert merged["mc_return"] == pytest.approx((g - g ** 2) / 2)
-    assert merged["target"] == pytest.approx(((g - g ** 2) / 2 + 1) / 2)  # rescaled to [0, 1]
-    assert rows[("s1", "b")]["target"] == pytest.approx(1.0) and rows[("s2", "d")]["target"] == pytest.approx(0.0)
-    assert rows[("s1x", "c")]["mc_return"] == pytest.approx(-g)
-    from_start = {(r["prompt"], r["action"]): r for r in q_targets(steps, g, "from_start", set()).to_pylist()}
-    assert from_start[("s1", "b")]["mc_return"] == pytest.approx(g)  # gamma^t r, t = 1
+    targets = q_targets(steps, g, "to_go", set())
+    rows = by_step(targets)
+    assert targets.num_rows == 6 and len(distinct_state_actions(targets)) == 5  # (s0, a) twice: merged
+    for merged in (rows[("g#0", 0)], rows[("g#1", 0)]):  # both visits carry the merged estimate
+        assert merged["visits"] == 2 and merged["wins"] == 1
+        assert merged["mc_return"] == pytest.approx((g - g ** 2) / 2)
+        assert merged["target"] == pytest.approx(((g - g ** 2) / 2 + 1) / 2)  # rescaled to [0, 1]
+    assert rows[("g#0", 1)]["target"] == pytest.approx(1.0) and rows[("g#1", 2)]["target"] == pytest.approx(0.0)
+    assert rows[("g#1", 1)]["mc_return"] == pytest.approx(-g)
+    assert rows[("g#0", 1)]["state_key"] != rows[("g#1", 1)]["state_key"]  # s1 and s1x: other histories
+    from_start = by_step(q_targets(steps, g, "from_start", set()))
+    assert from_start[("g#0", 1)]["mc_return"] == pytest.approx(g)  # gamma^t r, t = 1
     # An episode from the reset distribution starts at the game's step 3: t counts from the game's start.
     reset = table([replace(s, step=s.step + 3) for s in episode("h", 0, ["r3", "r4"], ["a", "b"], won=True)])
-    assert [r["mc_return"] for r in q_targets(reset, g, "from_start", set()).sort_by("prompt").to_pylist()] == \
+    assert [r["mc_return"] for r in q_targets(reset, g, "from_start", set()).to_pylist()] == \
         pytest.approx([g ** 3, g ** 4])
-    assert [r["mc_return"] for r in q_targets(reset, g, "to_go", set()).sort_by("prompt").to_pylist()] == \
-        pytest.approx([g, 1])
+    assert [r["mc_return"] for r in q_targets(reset, g, "to_go", set()).to_pylist()] == pytest.approx([g, 1])
     # Pairs: only s0 has two actions; a (MC estimate 0.045) beats e (-1) by 1.045 on the [-1, 1] scale.
-    pairs = preference_pairs(q_targets(steps, g, "to_go", set()), margin=1.04).to_pylist()
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("s0", "ACTION: a", "ACTION: e")]
-    assert preference_pairs(q_targets(steps, g, "to_go", set()), margin=1.05).num_rows == 0
+    pairs = preference_pairs(targets, margin=1.04).to_pylist()
+    assert [(p["chosen_episode"], p["chosen_step"], p["rejected_episode"], p["rejected_step"]) for p in pairs] == \
+        [("g#0", 0, "g#2", 0)]
+    assert preference_pairs(targets, margin=1.05).num_rows == 0
 
 
 def test_split_is_by_task_folder_and_seeded():
@@ -72,8 +96,8 @@ def test_split_is_by_task_folder_and_seeded():
     steps = table(*[episode(g, 0, [f"{g.split('/')[0]}-s0", f"{g}-s1"], ["a", "b"], won=True) for g in games])
     rows = q_targets(steps, 0.95, "to_go", val).to_pylist()
     assert {r["game_id"] for r in rows if r["split"] == "val"} == val
-    first = [r for r in rows if r["prompt"].endswith("-s0")]
-    assert len(first) == 20 and all(r["visits"] == 2 for r in first)
+    first = [r for r in rows if r["step"] == 0]
+    assert len(first) == 40 and all(r["visits"] == 2 for r in first)
 
 
 def test_split_holds_out_folders_with_and_without_a_win():
@@ -131,52 +155,143 @@ def test_prm_learner_lowers_its_loss_and_ranks_held_out_actions(ray_local, tiny_
         assert report["expected_calibration_error"] is None and report["reliability"] == []
     # The exported folder is a Hugging Face sequence classifier that the service loads.
     scorer = PRMScorer(str(tmp_path / "prm"))
+    targets = pq.read_table(toy_dataset / "qtargets.parquet")
+    rows = by_step(targets)
     val = [p for p in pq.read_table(toy_dataset / "pairs.parquet").to_pylist() if p["split"] == "val"]
-    scores = scorer.score([ScoreRequest(p["prompt"], [p["chosen"], p["rejected"]]) for p in val])
+    scores = scorer.score([ScoreRequest(list(rows[(p["chosen_episode"], 0)]["prompt_ids"]),
+                                        [list(rows[(p["chosen_episode"], 0)]["response_ids"]),
+                                         list(rows[(p["rejected_episode"], 0)]["response_ids"])]) for p in val])
     assert all(chosen > rejected for chosen, rejected in scores)
 
 
-REQUESTS = [ScoreRequest(PROMPT, ["ACTION: go to shelf 1", "ACTION: look", ""]),
-            ScoreRequest(PROMPT + "You see a mug.", ["REASON: the mug is here.\nACTION: take mug 1"]),
-            ScoreRequest(PROMPT, ["ACTION: examine desk 1"])]
+def random_episode(seed: int, turns: int = 4, vocab: int = 250) -> tuple[list[list[int]], list[list[int]]]:
+    """Each turn's new prompt ids and response ids (the first response empty is allowed too)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(5, vocab, rng.integers(8, 20)).tolist() for _ in range(turns)]
+    responses = [rng.integers(5, vocab, rng.integers(1, 6)).tolist() for _ in range(turns)]
+    return prompts, responses
+
+
+def requests(seed: int = 0) -> list[ScoreRequest]:
+    """Three requests: a state with three responses (one empty), the next step of that
+    episode (its state extends the first), and the first state again."""
+    (p0, p1), (r0, r1) = random_episode(seed, turns=2)
+    return [ScoreRequest(p0, [r0, r1, []]), ScoreRequest(p0 + r0 + p1, [r1]), ScoreRequest(p0, [r1[:2]])]
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_a_bfloat16_prm_scores_with_a_float32_head(tiny_prm, share_prompt):
     import torch
 
-    scores = np.concatenate(PRMScorer(tiny_prm, dtype="bfloat16", share_prompt=share_prompt).score(REQUESTS))
+    scores = np.concatenate(PRMScorer(tiny_prm, dtype="bfloat16", share_prompt=share_prompt).score(requests()))
     on_bf16_grid = torch.tensor(scores).to(torch.bfloat16).double().numpy() == scores
     assert not on_bf16_grid.all()  # a bfloat16 head would round every Q to 8 bits of mantissa
 
 
-def test_shared_prompt_scores_equal_full_sequences_and_the_classifiers_own_forward(tiny_prm):
+def test_shared_state_scores_equal_full_sequences_and_the_classifiers_own_forward(tiny_prm):
     import torch
 
+    reqs = requests()
     shared, full = PRMScorer(tiny_prm, share_prompt=True), PRMScorer(tiny_prm, share_prompt=False)
-    a, b = shared.score(REQUESTS), full.score(REQUESTS)
-    assert shared.forward_passes == 2 and full.forward_passes == 1
-    assert shared.prompt_rows == 2 and full.prompt_rows == 5  # 2 distinct prompts, encoded once each
+    a, b = shared.score(reqs), full.score(reqs)
     np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), rtol=1e-4, atol=1e-4)
-    model, tokenizer = load_prm(tiny_prm)
-    for request, scores in zip(REQUESTS, a):
+    # Shared: the first state and its responses; then only the second state's new tokens
+    # (its history is cached) and its response; the first state again (the cache now holds
+    # the longer one, which is no prefix of it).
+    (p0, (r0, r1, _)), (p01, _), (_, (r2,)) = [(r.prompt_ids, r.responses) for r in reqs]
+    assert shared.computed_tokens == (len(p0) + len(r0) + len(r1)) + (len(p01) - len(p0) + len(r1)) + \
+        (len(p0) + len(r2))
+    assert full.computed_tokens == sum(len(r.prompt_ids) + len(x) for r in reqs for x in r.responses)
+    model, _ = load_prm(tiny_prm)
+    for request, scores in zip(reqs, a):
         for response, score in zip(request.responses, scores):
-            ids = tokenizer.encode(request.prompt, add_special_tokens=False) + tokenizer.encode(
-                response, add_special_tokens=False)
-            assert score == pytest.approx(model(torch.tensor([ids])).logits.item(), abs=1e-4)
+            # the classifier pools the last non-pad token: these rows hold no pad token
+            assert score == pytest.approx(model(torch.tensor([request.prompt_ids + response])).logits.item(), abs=1e-4)
+
+
+def test_per_turn_q_from_one_pass_equals_each_prefix_scored_alone(tiny_prm):
+    import torch
+
+    prompts, responses = random_episode(1, turns=5)
+    sequence, ends, alone = [], [], []
+    reference, cached = PRMScorer(tiny_prm, share_prompt=False), PRMScorer(tiny_prm, share_prompt=True)
+    step_by_step = []
+    for p, r in zip(prompts, responses):
+        state = sequence + p
+        alone += reference.score([ScoreRequest(state, [r])])[0]
+        step_by_step += cached.score([ScoreRequest(state, [r])])[0]  # the service, step after step
+        sequence = state + r
+        ends.append(len(sequence) - 1)
+    model, _ = load_prm(tiny_prm)
+    with torch.no_grad():
+        one_pass = turn_scores(model, sequence, ends, "cpu").tolist()
+    np.testing.assert_allclose(one_pass, alone, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(step_by_step, alone, rtol=1e-4, atol=1e-4)
+    # the service computed each token of the episode once, and each played response once more
+    # (first as a branch, then as history)
+    assert cached.computed_tokens == len(sequence) + sum(map(len, responses[:-1])) and cached.forward_passes == 5
+
+
+def test_episode_losses_equal_their_per_step_forms(tiny_prm):
+    """The absolute loss over the turns of episode sequences, and the relative loss with both
+    actions off one state, give the loss and gradient of their per-step forms (each (state,
+    action) a full sequence)."""
+    import torch
+
+    model, _ = load_prm(tiny_prm)
+    episodes = [random_episode(seed, turns=3) for seed in (2, 3)]
+    targets = [[0.2, 0.9, 1.0], [0.5, 0.0, 0.1]]
+    sequences = []
+    for (prompts, responses), t in zip(episodes, targets):
+        seq = EpisodeSequence([], [], t, [])
+        for p, r in zip(prompts, responses):
+            seq.input_ids += p + r
+            seq.turn_ends.append(len(seq.input_ids) - 1)
+        sequences.append(seq)
+
+    def per_step_q(seq: EpisodeSequence) -> torch.Tensor:
+        return torch.cat([last_token_scores(model, torch.tensor([seq.input_ids[:end + 1]]),
+                                            torch.ones(1, end + 1, dtype=torch.long)) for end in seq.turn_ends])
+
+    def loss_and_grad(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.item(), model.score.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    flat_targets = torch.tensor([t for seq in sequences for t in seq.targets])
+    episode_form = loss_and_grad(lambda: absolute_loss(
+        torch.cat([turn_scores(model, s.input_ids, s.turn_ends, "cpu") for s in sequences]), flat_targets))
+    step_form = loss_and_grad(lambda: absolute_loss(torch.cat([per_step_q(s) for s in sequences]), flat_targets))
+    for a, b in zip(episode_form, step_form):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-5)
+
+    (prompts, responses), (_, others) = episodes
+    pairs = [StatePair(prompts[0], responses[0], others[0]), StatePair(prompts[0] + responses[0] + prompts[1],
+                                                                       responses[1], others[1])]
+    tree_form = loss_and_grad(lambda: relative_loss(*torch.stack([pair_scores(model, p, "cpu") for p in pairs]).T))
+
+    def full(state, response):
+        ids = state + response
+        return last_token_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+
+    full_form = loss_and_grad(lambda: relative_loss(torch.cat([full(p.state, p.chosen) for p in pairs]),
+                                                    torch.cat([full(p.state, p.rejected) for p in pairs])))
+    for a, b in zip(tree_form, full_form):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-5)
 
 
 def test_service_batches_concurrent_requests_and_reloads_by_version(ray_local, tiny_prm, tiny_model, tmp_path):
-    pairs = sum(len(r.responses) for r in REQUESTS) * 4
+    reqs = requests() * 4
+    pairs = sum(len(r.responses) for r in reqs)
     cfg = small_cfg(**{"prm_service.max_batch_size": pairs, "prm_service.max_wait_ms": 5000,
                        "prm_service.dtype": "float32"})  # compared with a float32 scorer
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
     try:
-        results = ray.get([prm.score(r.prompt, r.responses) for r in REQUESTS * 4])
+        results = ray.get([prm.score(r.prompt_ids, r.responses) for r in reqs])
         (stats,) = prm.stats()
-        assert stats["requests"] == 12 and stats["pairs"] == pairs
-        assert stats["batches"] < 12 and stats["forward_passes"] == 2 * stats["batches"]
-        expected = PRMScorer(tiny_prm, share_prompt=False).score(REQUESTS * 4)
+        assert stats["requests"] == 12 and stats["pairs"] == pairs and stats["batches"] < 12
+        expected = PRMScorer(tiny_prm, share_prompt=False).score(reqs)
         np.testing.assert_allclose(np.concatenate([r.scores for r in results]), np.concatenate(expected),
                                    rtol=1e-4, atol=1e-4)
         assert {r.prm_version for r in results} == {0}
@@ -187,10 +302,9 @@ def test_service_batches_concurrent_requests_and_reloads_by_version(ray_local, t
         tokenizer.save_pretrained(tmp_path / "v2")
         assert prm.load(str(tmp_path / "v2"), version=2) == [2]
         assert prm.load(tiny_prm, version=1) == [2]
-        after = ray.get(prm.score(PROMPT, ["ACTION: look"]))
+        after = ray.get(prm.score(reqs[1].prompt_ids, reqs[1].responses))  # its state was cached by version 0
         assert after.prm_version == 2
-        assert after.scores[0] == pytest.approx(PRMScorer(str(tmp_path / "v2")).score(
-            [ScoreRequest(PROMPT, ["ACTION: look"])])[0][0], abs=1e-4)
+        assert after.scores == pytest.approx(PRMScorer(str(tmp_path / "v2")).score([reqs[1]])[0], abs=1e-4)
     finally:
         prm.shutdown()
 
@@ -201,18 +315,21 @@ class FixedScores:
     def __init__(self, table: dict[str, float]):
         self.table, self.asked = table, []
 
-    async def score(self, prompt: str, responses: list[str]):
+    async def score(self, prompt_ids: list[int], responses: list[list[int]], session: str | None = None):
         from prm_service import ScoreResult
 
         self.asked.append(list(responses))
-        return ScoreResult([self.table[r] for r in responses], prm_version=3)
+        return ScoreResult([self.table[tuple(r)] for r in responses], prm_version=3)
 
 
 def best_of_n(responses: list[str], scores: dict[str, float]):
+    """Best-of-N of `responses` (each sample's ids: its text's) under a PRM scoring by `scores`."""
     worker = RolloutWorker.__new__(RolloutWorker)  # only the PRM is needed for the choice
-    worker.prm = FixedScores(scores)
-    samples = [Generation(r, [i], [0.0], "stop") for i, r in enumerate(responses)]
-    return asyncio.run(worker._best_of_n(PROMPT, samples, policy_version=5)), worker.prm.asked
+    worker.prm = FixedScores({tuple(ids_of(r)): q for r, q in scores.items()})
+    samples = [Generation(r, ids_of(r), [0.0], "stop") for r in responses]
+    action, asked = asyncio.run(worker._best_of_n([1, 2, 3], samples, policy_version=5, episode_id="g#0")), \
+        worker.prm.asked
+    return action, [["".join(map(chr, ids)) for ids in request] for request in asked]
 
 
 def test_best_of_n_plays_the_argmax_of_distinct_commands():
@@ -221,7 +338,7 @@ def test_best_of_n_plays_the_argmax_of_distinct_commands():
                                           "ACTION: take mug 1": 0.3})
     assert asked == [["ACTION: look", "REASON: go.\nACTION: go to shelf 1", "ACTION: take mug 1"]]  # look once
     assert action.response == "REASON: go.\nACTION: go to shelf 1" and action.candidates == 3
-    assert action.response_ids == [1]  # the chosen sample's ids, as generated
+    assert action.response_ids == ids_of("REASON: go.\nACTION: go to shelf 1")  # the chosen sample's, as generated
     assert action.prm_score == 0.7 and action.policy_version == 5
 
 
