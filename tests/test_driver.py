@@ -157,7 +157,8 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
     args = [f"run_dir={run_dir}", "mode=critic", f"policy.model={tiny_model}", "critic.num_games=2",
             "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "env.max_steps=3", "policy.max_new_tokens=6",
             "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2", "prm.batch_size=2",
-            "prm.micro_batch_size=1", "prm.max_steps=2", "critic.best_of_n=[1,2]", "eval.num_games=1"]
+            "prm.micro_batch_size=1", "prm.epochs=4", "prm.max_steps=2", "critic.best_of_n=[1,2]",
+            "eval.num_games=1"]
     proc = run_driver(*args)
     critic = run_dir / "critic"
     dataset = json.loads((critic / "dataset.json").read_text())
@@ -256,7 +257,7 @@ def test_inverseprm_runs_two_iterations_from_demonstrations_alone(tiny_model, tm
         f"policy.model={tiny_model}", f"sft.demos={demos_dir / 'demos.parquet'}", "critic.num_games=2",
         "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "critic.reset_fraction=1.0", "env.max_steps=3",
         "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2",
-        "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2", "dpo.batch_size=2",
+        "prm.batch_size=2", "prm.micro_batch_size=1", "prm.epochs=4", "prm.max_steps=2", "dpo.batch_size=2",
         "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0",
         "dpo.exploration_prompt=Explore.", "eval.num_games=1", "eval.best_of_n=[1,2]")
     summary = json.loads((run_dir / "summary.json").read_text())
