@@ -175,21 +175,22 @@ def transition_sequences(table: pa.Table, split: str) -> list[TransitionSequence
             seq.trunk += list(row["response_ids"])
             seqs.append(seq)
             ends.append(len(seq.trunk) - 1)
+        branch = {}  # step -> the index of its sampled a' among its sequence's branches
         for i, row in enumerate(rows):  # the sampled a' of expert transitions, where s' ends
             if row["next_response_ids"] is not None:
+                branch[i] = len(seqs[i].branches)
                 seqs[i].branches.append((starts[i + 1], list(row["next_response_ids"])))
-        taken = {id(seq): 0 for seq in seqs}  # branches of the sequence so far
+        branch_end = {id(seq): branch_ends(len(seq.trunk), seq.branches) for seq in seqs}
         for i, row in enumerate(rows):
-            seq = seqs[i]
-            taken[id(seq)] += row["next_response_ids"] is not None
             if not row["kept"]:
                 continue
+            seq = seqs[i]
             seq.q_at.append(ends[i])
             seq.labels.append(row["label"])
             if row["terminal"]:
                 seq.next_at.append(None)
-            elif row["next_response_ids"] is not None:
-                seq.next_at.append(branch_ends(len(seq.trunk), seq.branches)[taken[id(seq)] - 1])
+            elif i in branch:
+                seq.next_at.append(branch_end[id(seq)][branch[i]])
             else:
                 seq.next_at.append(ends[i + 1])
     return out

@@ -60,8 +60,9 @@ class StatePair:
     rejected: list[int]
 
 
-def episode_sequences(targets, split: str) -> list[EpisodeSequence]:
-    """Every episode of the split as token sequences (a new one at each context start)."""
+def q_sequences(targets, split: str) -> list[EpisodeSequence]:
+    """Every episode of the split as token sequences with their Q-targets at each turn (a new
+    sequence at each context start)."""
     out: list[EpisodeSequence] = []
     for rows in episodes_in_order(targets.filter(pc.equal(targets["split"], split))):
         for row in rows:
@@ -123,7 +124,7 @@ def prm_recipe(config: dict) -> None:
     targets = pq.read_table(dataset / "qtargets.parquet")
     pairs = pq.read_table(dataset / "pairs.parquet")
     if prm["loss"] == "absolute":
-        examples = episode_sequences(targets, "train")
+        examples = q_sequences(targets, "train")
         length = (lambda e: len(e.input_ids))
     else:
         examples = state_pairs(targets, pairs, "train")
@@ -156,10 +157,10 @@ def prm_recipe(config: dict) -> None:
 
     # Validation on the held-out games: every rank scores a share of the episodes, rank 0 reports.
     engine.module.eval()
-    val = episode_sequences(targets, "val")
+    val = q_sequences(targets, "val")
     scores = gather_scores(lambda e: turn_scores(engine.module, e.input_ids, e.turn_ends, device).tolist(), val,
                            rank, world)
-    q_of = {(key[0], key[1], key[2]): q for e, qs in zip(val, scores) for key, q in zip(e.keys, qs)}
+    q_of = {key: q for e, qs in zip(val, scores) for key, q in zip(e.keys, qs)}
     weights = engine.export_state_dict()
     if rank == 0:
         report = validation_report(targets, pairs, q_of, calibrated=prm["loss"] == "absolute")

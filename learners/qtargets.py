@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rollout_workers.records import episodes_in_order
@@ -127,7 +127,7 @@ def states_of(steps: pa.Table, split: str) -> list[list[int]]:
     """The distinct states (whole prompts, in ids) of the split's steps, ordered by key: a
     table of step rows with `split` (stage 1's qtargets.parquet or transitions.parquet)."""
     states = {}
-    for rows in episodes_in_order(steps.filter(pa.compute.equal(steps["split"], split)).select(
+    for rows in episodes_in_order(steps.filter(pc.equal(steps["split"], split)).select(
             ["episode_id", "step", "context_start", "prompt_ids", "response_ids"])):
         for ids in state_ids(rows):
             states.setdefault(state_key(ids), ids)

@@ -75,7 +75,8 @@ class PRMServer:
 @dataclass
 class PRMClient(Replicas):
     """All PRM replicas behind one handle (picklable: rollout workers and learners hold one);
-    requests are spread round-robin, checkpoint loads reach every replica."""
+    an episode's requests go to one replica (its history is cached there), others are spread
+    round-robin; checkpoint loads reach every replica."""
 
     def score(self, prompt_ids: list[int], responses: list[list[int]], session: str | None = None
               ) -> ray.ObjectRef:
