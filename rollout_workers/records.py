@@ -39,6 +39,10 @@ sequence the policy server held, and a step's full prompt is that concatenation 
 |                      | the PRM's with Best-of-N)                                          |
 | candidates           | distinct actions the PRM chose among (Best-of-N); 1 without a PRM  |
 | prm_score            | the PRM's Q of the played response; null without a PRM or a choice |
+| candidate_actions    | Best-of-N: the distinct commands of the N samples, in sample order; |
+|                      | null without a PRM                                                 |
+| candidate_samples    | Best-of-N: how many of the N samples sent each candidate           |
+| candidate_scores     | Best-of-N: the PRM's Q of each candidate; null without a choice    |
 
 Shards written before a column existed read it as null.
 """
@@ -63,6 +67,8 @@ SCHEMA = pa.schema([
     ("policy_version", pa.int32()), ("worker_id", pa.int32()), ("act_seconds", pa.float32()),
     ("candidates", pa.int32()),
     ("prm_score", pa.float32()),
+    ("candidate_actions", pa.list_(pa.string())), ("candidate_samples", pa.list_(pa.int32())),
+    ("candidate_scores", pa.list_(pa.float32())),
 ])
 
 
@@ -92,6 +98,9 @@ class StepRecord:
     act_seconds: float = 0.0
     candidates: int = 1
     prm_score: Optional[float] = None
+    candidate_actions: Optional[list[str]] = None
+    candidate_samples: Optional[list[int]] = None
+    candidate_scores: Optional[list[float]] = None
 
 
 assert [f.name for f in fields(StepRecord)] == SCHEMA.names, "StepRecord and SCHEMA must list the same columns"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from agent import command_to_send, format_response, parse_action
@@ -48,6 +49,9 @@ class Action:
     policy_version: int
     candidates: int = 1
     prm_score: float | None = None
+    candidate_actions: list[str] | None = None  # Best-of-N: what the PRM chose among
+    candidate_samples: list[int] | None = None
+    candidate_scores: list[float] | None = None
 
 
 class RolloutWorker:
@@ -102,7 +106,8 @@ class RolloutWorker:
                     response=act.response, response_ids=act.response_ids, action=action, valid=valid,
                     observation=obs.text, reward=1.0 if obs.won else 0.0, done=obs.done, won=obs.won,
                     policy_version=act.policy_version, worker_id=self.worker_id, act_seconds=act_seconds,
-                    candidates=act.candidates, prm_score=act.prm_score,
+                    candidates=act.candidates, prm_score=act.prm_score, candidate_actions=act.candidate_actions,
+                    candidate_samples=act.candidate_samples, candidate_scores=act.candidate_scores,
                 ))
                 if obs.done:
                     return steps
@@ -135,11 +140,16 @@ class RolloutWorker:
         by_command: dict[str, Generation] = {}
         for sample in samples:
             by_command.setdefault(command_to_send(sample.text), sample)
+        commands = list(by_command)
+        counts = Counter(command_to_send(sample.text) for sample in samples)
+        chosen = Action(samples[0].text, samples[0].token_ids, policy_version, candidate_actions=commands,
+                        candidate_samples=[counts[c] for c in commands])
+        if len(commands) == 1:
+            return chosen
         candidates = list(by_command.values())
-        if len(candidates) == 1:
-            return Action(candidates[0].text, candidates[0].token_ids, policy_version)
         scored = await self.prm.score(prompt_ids, [c.token_ids for c in candidates], session=episode_id)
         best = max(range(len(candidates)), key=lambda i: scored.scores[i])  # the first of equal scores
-        return Action(candidates[best].text, candidates[best].token_ids, policy_version, len(candidates),
-                      scored.scores[best])
+        return replace(chosen, response=candidates[best].text, response_ids=candidates[best].token_ids,
+                       candidates=len(candidates), prm_score=scored.scores[best],
+                       candidate_scores=list(scored.scores))
 

@@ -340,6 +340,8 @@ def test_best_of_n_plays_the_argmax_of_distinct_commands():
     assert action.response == "REASON: go.\nACTION: go to shelf 1" and action.candidates == 3
     assert action.response_ids == ids_of("REASON: go.\nACTION: go to shelf 1")  # the chosen sample's, as generated
     assert action.prm_score == 0.7 and action.policy_version == 5
+    assert action.candidate_actions == ["look", "go to shelf 1", "take mug 1"]
+    assert action.candidate_samples == [2, 1, 1] and action.candidate_scores == [0.1, 0.7, 0.3]
 
 
 def test_best_of_n_copes_when_every_sample_is_invalid():
@@ -352,6 +354,8 @@ def test_best_of_n_does_not_ask_the_prm_when_every_sample_sends_the_same_command
     action, asked = best_of_n(["ACTION: look", "REASON: see.\nACTION: look", "ACTION: look"], {})
     assert asked == [] and action.response == "ACTION: look"
     assert action.candidates == 1 and action.prm_score is None and action.policy_version == 5
+    assert action.candidate_actions == ["look"] and action.candidate_samples == [3]
+    assert action.candidate_scores is None
 
 
 def test_best_of_n_rollout_with_the_prm_service(ray_local, tiny_model, tiny_prm, ood_games, tmp_path):
@@ -376,4 +380,6 @@ def test_best_of_n_rollout_with_the_prm_service(ray_local, tiny_model, tiny_prm,
     assert len(steps) == 6 and all(1 <= s["candidates"] <= 4 for s in steps)
     scored = [s for s in steps if s["candidates"] > 1]  # one distinct command: nothing to score
     assert all((s["prm_score"] is None) == (s["candidates"] == 1) for s in steps)
+    assert all(len(s["candidate_actions"]) == s["candidates"] and sum(s["candidate_samples"]) == 4 for s in steps)
+    assert all(s["candidate_scores"][s["candidate_actions"].index(s["action"])] == s["prm_score"] for s in scored)
     assert stats["requests"] == len(scored) and stats["pairs"] == sum(s["candidates"] for s in scored)

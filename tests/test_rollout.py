@@ -9,14 +9,17 @@ from rollout_workers.records import SCHEMA
 from tests.conftest import small_cfg
 
 
+NO_PRM_COLUMNS = ("prm_score", "candidate_actions", "candidate_samples", "candidate_scores")
+
+
 def check_episodes(table, tasks):
     """Every task played once; ids unique; steps contiguous; won and done only at the end."""
     assert table.schema == SCHEMA
     by_episode = defaultdict(list)
     for row in table.to_pylist():
         for key in SCHEMA.names:
-            assert row[key] is not None or key == "prm_score", key  # no PRM here
-        assert row["prm_score"] is None and row["candidates"] == 1
+            assert row[key] is not None or key in NO_PRM_COLUMNS, key  # no PRM here
+        assert all(row[key] is None for key in NO_PRM_COLUMNS) and row["candidates"] == 1
         by_episode[row["episode_id"]].append(row)
     assert sorted(by_episode) == sorted(t.episode_id for t in tasks)
     for rows in by_episode.values():
