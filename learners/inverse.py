@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -89,12 +90,29 @@ def transitions(steps: pa.Table, source: str) -> list[list[dict]]:
     return out
 
 
-def balance(positives: list, negatives: list, seed: int) -> tuple[list, list]:
-    """Both sets sampled down to the size of the smaller, keeping their order."""
+def balance(positives: list[tuple[int, int]], negatives: list[tuple[int, int]],
+            seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Both sets of (episode, step) cut to the size of the smaller. The larger keeps whole
+    episodes, drawn at random, and the first steps of the last one drawn: the PRM reads
+    every token of an episode that holds a kept transition, so spreading the same number
+    of transitions over all episodes would cost several times the tokens. Order is kept."""
     n = min(len(positives), len(negatives))
     rng = random.Random(seed)
-    return ([positives[i] for i in sorted(rng.sample(range(len(positives)), n))],
-            [negatives[i] for i in sorted(rng.sample(range(len(negatives)), n))])
+
+    def sample(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        by_episode: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for item in items:
+            by_episode[item[0]].append(item)
+        drawn = sorted(by_episode)
+        rng.shuffle(drawn)
+        kept: list[tuple[int, int]] = []
+        for episode in drawn:
+            if len(kept) == n:
+                break
+            kept += by_episode[episode][:n - len(kept)]
+        return sorted(kept)
+
+    return sample(positives), sample(negatives)
 
 
 def build_transitions(expert_steps: pa.Table, policy_steps: pa.Table,

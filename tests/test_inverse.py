@@ -40,10 +40,15 @@ def test_transitions_pair_each_step_with_the_next_and_end_terminal():
     assert [r["kept"] for r in transitions(restarted, "policy")[0]] == [True, False, True]
 
 
-def test_balance_samples_the_larger_side_down_and_keeps_order():
-    pos, neg = list(range(5)), list(range(100, 120))
+def test_balance_cuts_the_larger_side_by_whole_episodes_and_keeps_order():
+    pos = [(e, i) for e in range(2) for i in range(3)]  # 6 expert transitions in 2 episodes
+    neg = [(e, i) for e in range(10) for i in range(4)]  # 40 policy transitions in 10 episodes
     kept_pos, kept_neg = balance(pos, neg, seed=0)
-    assert kept_pos == pos and len(kept_neg) == 5 and kept_neg == sorted(kept_neg) and set(kept_neg) <= set(neg)
+    assert kept_pos == pos and len(kept_neg) == 6 and kept_neg == sorted(kept_neg) and set(kept_neg) <= set(neg)
+    episodes = sorted({e for e, _ in kept_neg})
+    assert len(episodes) == 2  # one whole episode and the first 2 steps of another
+    assert sorted(len([i for e, i in kept_neg if e == x]) for x in episodes) == [2, 4]
+    assert all(i in (0, 1) for e, i in kept_neg if sum(x == e for x, _ in kept_neg) == 2)
     assert balance(pos, neg, seed=0) == (kept_pos, kept_neg) and balance(pos, neg, seed=1)[1] != kept_neg
 
 
