@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 import driver
 from configs import REPO_ROOT
+from reports.best_of_n import choice_stats
 from reports.paired import format_paired, paired
 from rollout_workers import SCHEMA, format_report, summarize
 
@@ -31,6 +32,22 @@ def test_summarize_hand_built_records():
     assert report["won_per_game"] == {"g1": [1, 1], "g2": [0, 1], "g3": [1, 1]}
     text = format_report({**report, "split": "eval_out_of_distribution", "max_steps": 50, "seed": 0})
     assert "pick" in text and "66.7%" in text and "max_steps 50" in text
+
+
+def test_best_of_n_choice_stats_on_hand_made_steps():
+    def step(action, candidates, samples, scores, admissible=("look", "go to desk 1")):
+        return dict(action=action, candidate_actions=candidates, candidate_samples=samples, candidate_scores=scores,
+                    admissible_commands=list(admissible))
+    steps = [step("look", ["look", "fly"], [15, 1], [0.5, 0.1]),  # the majority
+             step("fly", ["look", "fly"], [15, 1], [0.1, 0.5]),  # one sample, invalid over a valid one
+             step("go to desk 1", ["look", "go to desk 1", "x"], [8, 7, 1], [0.1, 0.6, 0.2]),
+             step("x", ["x", "y"], [8, 8], [0.9, 0.1]),  # a tie counts as the majority; no valid offered
+             step("look", ["look"], [16], None)]  # no choice: not counted
+    stats = choice_stats(steps)
+    assert stats["steps_with_a_choice"] == 4 and stats["mean_candidates"] == 2.25
+    assert stats["played_the_majority"] == 0.5 and stats["played_a_single_sample"] == 0.25
+    assert stats["played_invalid_over_a_valid"] == round(1 / 3, 4)
+    assert choice_stats(steps[-1:]) == {"steps_with_a_choice": 0}
 
 
 def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcnemar_p():
