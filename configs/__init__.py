@@ -91,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
                 "policy.max_batch_size", "policy.max_new_tokens", "env.max_steps",
                 "eval.episodes_per_game"):
         _check(OmegaConf.select(cfg, key) >= 1, f"{key} must be at least 1")
+    _check(cfg.dpo.samples_per_state >= 2, "dpo.samples_per_state must be at least 2 (a pair)")
     for key in ("eval.num_games", "demos.num_games"):
         n = OmegaConf.select(cfg, key)
         _check(n is None or n >= 1, f"{key} must be at least 1 (or null for all games)")

@@ -241,7 +241,10 @@ class DPOConfig(TrainConfig):
     beta: float = 0.03
     lr: float = 8e-7
     epochs: float = 1.0  # passes over the stage-1 train states
-    temperature: float = 0.7  # the two responses per state are sampled at this temperature
+    temperature: float = 0.7  # the responses to a state are sampled at this temperature
+    # Responses sampled per state; the PRM's best and worst of their distinct commands are the
+    # pair. At 2, a policy that mostly repeats one command gives mostly ties (no pair).
+    samples_per_state: int = 2
     max_new_tokens: int = 64
     push_every: int = 4  # optimizer steps between weight pushes to the policy server (a new version each)
     checkpoint_every: int = 40  # a multiple of push_every

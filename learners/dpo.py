@@ -1,8 +1,9 @@
 """Stage 3 of AgentPRM and InversePRM: online DPO of the policy against the PRM.
 
 For a state s from the stage-1 data set (a whole-episode prompt, in the ids the policy was
-fed), the current policy samples two responses; the PRM scores both; the higher is chosen,
-the lower rejected (ties skipped); the DPO loss compares the policy's log-likelihood ratio
+fed), the current policy samples `dpo.samples_per_state` responses; the PRM scores them; of
+their distinct commands the highest is chosen, the lowest rejected (no pair when all send one
+command or the two tie); the DPO loss compares the policy's log-likelihood ratio
 of the two with that of a frozen reference (the iteration's starting policy):
 
     loss = -log sigmoid(beta * ((log pi(c|s) - log pi(r|s)) - (log ref(c|s) - log ref(r|s))))
@@ -65,15 +66,18 @@ class PreferencePair:
 
 def prefer(state: list[int], texts: list[str], responses: list[list[int]], scores: list[float],
            policy_version: int) -> PreferencePair | None:
-    """The PRM's preferred and dispreferred response of two (their texts and ids); None on a
-    tie: the same score, or the same command (the PRM learnt one Q per command at a state, so
-    a gap between two wordings of one command is noise, not a preference)."""
-    (ta, tb), (a, b), (sa, sb) = texts, responses, scores
-    if command_to_send(ta) == command_to_send(tb) or sa == sb:
+    """The PRM's best and worst of the samples (their texts, ids and scores), one sample per
+    distinct command (the first); None on a tie: a single command, or equal scores. Samples
+    of one command never pair: the PRM learnt one Q per command at a state, so a gap between
+    two wordings of one command is noise, not a preference."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        first.setdefault(command_to_send(text), i)
+    distinct = list(first.values())
+    best, worst = max(distinct, key=lambda i: scores[i]), min(distinct, key=lambda i: scores[i])
+    if scores[best] == scores[worst]:
         return None
-    if sa < sb:
-        a, b, sa, sb = b, a, sb, sa
-    return PreferencePair(state, a, b, sa, sb, policy_version)
+    return PreferencePair(state, responses[best], responses[worst], scores[best], scores[worst], policy_version)
 
 
 def pair_logprobs(model, pair: PreferencePair, device) -> torch.Tensor:
@@ -117,13 +121,14 @@ class PairSampler:
                 for (state, samples, version), s in zip(sampled, scored)]
 
     def _sample(self, state: list[int], step: int):
-        """Two responses to `state`; with `dpo.exploration_prompt`, to the steered prompt
-        (steered exploration: the pair is still scored and learnt under `state`)."""
+        """`dpo.samples_per_state` responses to `state`; with `dpo.exploration_prompt`, to the
+        steered prompt (steered exploration: the pair is still scored and learnt under `state`)."""
         seed = zlib.crc32(f"{self.seed}:{step}:{state_key(state)}".encode())
         hint = self.dpo["exploration_prompt"]
         prompt = self.tokenizer.encode(steer_prompt(self.tokenizer.decode(state), hint),
                                        add_special_tokens=False) if hint else state
-        return self.policy.generate([prompt], SamplingParams(n=2, temperature=self.dpo["temperature"],
+        return self.policy.generate([prompt], SamplingParams(n=self.dpo["samples_per_state"],
+                                                            temperature=self.dpo["temperature"],
                                                             max_tokens=self.dpo["max_new_tokens"], seed=seed))
 
 

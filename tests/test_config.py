@@ -54,6 +54,7 @@ def test_defaults_and_overrides(tmp_path):
     (["critic.reset_fraction=1.5"], "critic.reset_fraction must be in [0, 1]"),
     (["eval.best_of_n=[4]", "critic.best_of_n_temperature=0"], "critic.best_of_n_temperature must be > 0"),
     (["eval.best_of_n=[0]"], "eval.best_of_n: every N must be at least 1"),
+    (["dpo.samples_per_state=1"], "dpo.samples_per_state must be at least 2"),
 ])
 def test_bad_config_is_one_clear_line(args, message):
     with pytest.raises(ConfigError) as info:

@@ -62,6 +62,10 @@ def test_the_prms_favourite_is_chosen_and_ties_are_skipped():
     assert prefer([9], ["ACTION: look", "ACTION: go"], ids, [0.5, 0.5], 0) is None
     # Two wordings of one command: the PRM learnt one Q per command, so their gap is noise.
     assert prefer([9], ["REASON: a.\nACTION: look", "ACTION: look"], ids, [0.1, 0.7], 0) is None
+    # Of more samples, the best and the worst command; a command's first sample stands for it.
+    texts = ["ACTION: look", "ACTION: go to shelf 1", "REASON: b.\nACTION: look", "ACTION: take mug 1"]
+    pair = prefer([9], texts, [[1], [2], [3], [4]], [0.5, 0.9, 0.0, 0.2], 0)
+    assert (pair.chosen, pair.rejected, pair.rejected_score) == ([2], [4], 0.2)
 
 
 def test_a_steps_dpo_loss_is_the_mean_over_its_kept_pairs_whatever_the_ties():
@@ -91,7 +95,7 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
         "response_ids": [tokenizer.encode("ACTION: look")] * 8}), tmp_path / "qtargets.parquet")
     cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
                        "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
-                       "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "policy.model": tiny_model,
+                       "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "dpo.samples_per_state": 3, "policy.model": tiny_model,
                        "policy.dtype": "float32"})  # its outputs are compared with a float32 engine's
     policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
