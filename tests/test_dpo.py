@@ -95,7 +95,8 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
         "response_ids": [tokenizer.encode("ACTION: look")] * 8}), tmp_path / "qtargets.parquet")
     cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
                        "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
-                       "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "dpo.samples_per_state": 3, "policy.model": tiny_model,
+                       "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "dpo.samples_per_state": 3,
+                       "policy.model": tiny_model,
                        "policy.dtype": "float32"})  # its outputs are compared with a float32 engine's
     policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
