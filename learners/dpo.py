@@ -164,8 +164,8 @@ def dpo_recipe(config: dict) -> None:
     share = worker_share(states, dpo["batch_size"], config["seed"], length=len)
     sampler = PairSampler(policy, config["prm"], share, dpo, config["seed"], total_steps, tokenizer)
     # A micro-batch of ties still runs forward and backward (every rank takes part in each
-    # step), on this stand-in pair with its loss multiplied by 0.
-    stand_in = PreferencePair(states[0], [pad_id], [pad_id], 0.0, 0.0, 0)
+    # step), on this stand-in pair of three tokens with its loss multiplied by 0.
+    stand_in = PreferencePair([pad_id], [pad_id], [pad_id], 0.0, 0.0, 0)
     served = {"version": config["first_version"], "started": False}  # the latest weights on the policy server
     this_step = {"pairs": 0.0, "micro_batches": 0}  # pairs kept on all ranks, micro-batches of all ranks
 
