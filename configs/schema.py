@@ -237,15 +237,19 @@ class PRMConfig(TrainConfig):
 @dataclass
 class DPOConfig(TrainConfig):
     """AgentPRM stage 3: online DPO of the policy against the PRM (the reference code: beta
-    0.03, learning rate 8e-7, temperature 0.7, responses up to 64 tokens)."""
+    0.03, learning rate 8e-7, temperature 0.7, responses up to 64 tokens). Its examples are
+    contexts: the distinct states of one stage-1 episode, a pair per state, learnt in one row."""
     beta: float = 0.03
     lr: float = 8e-7
-    epochs: float = 1.0  # passes over the stage-1 train states
+    epochs: float = 1.0  # passes over the stage-1 train contexts
     temperature: float = 0.7  # the responses to a state are sampled at this temperature
     # Responses sampled per state; the PRM's best and worst of their distinct commands are the
     # pair. At 2, a policy that mostly repeats one command gives mostly ties (no pair).
     samples_per_state: int = 2
     max_new_tokens: int = 64
+    # A context's row: its longest state and both responses of each pair; the pairs past it are
+    # left out, and so are states longer than this minus 2 x max_new_tokens.
+    max_seq_len: int = 1024
     push_every: int = 4  # optimizer steps between weight pushes to the policy server (a new version each)
     checkpoint_every: int = 40  # a multiple of push_every
     max_policy_lag: int = 1  # sampling runs ahead of the learner by at most this many versions (0 = lockstep)

@@ -123,14 +123,29 @@ def q_targets(steps: pa.Table, gamma: float, discount: str, val_games: set[str])
     return pa.Table.from_pylist([{k: r[k] for k in QTARGET_SCHEMA.names} for r in out], schema=QTARGET_SCHEMA)
 
 
-def states_of(steps: pa.Table, split: str) -> list[list[int]]:
-    """The distinct states (whole prompts, in ids) of the split's steps, ordered by key: a
-    table of step rows with `split` (stage 1's qtargets.parquet or transitions.parquet)."""
-    states = {}
+def context_states(steps: pa.Table, split: str) -> list[list[list[int]]]:
+    """The distinct states (whole prompts, in ids) of the split's steps, grouped by the token
+    sequence they extend (an episode, or its part after a context-rule restart), in step
+    order: each is a prefix of the next, so one encoding of a context's last state holds
+    them all. A state met in an earlier context (the first turn of two rollouts of one game)
+    stays there. `steps`: a table of step rows with `split` (stage 1's qtargets.parquet or
+    transitions.parquet)."""
+    seen: set[str] = set()
+    contexts: list[list[list[int]]] = []
     for rows in episodes_in_order(steps.filter(pc.equal(steps["split"], split)).select(
             ["episode_id", "step", "context_start", "prompt_ids", "response_ids"])):
-        for ids in state_ids(rows):
-            states.setdefault(state_key(ids), ids)
+        for i, (row, ids) in enumerate(zip(rows, state_ids(rows))):
+            if i == 0 or row["context_start"]:
+                contexts.append([])
+            if (key := state_key(ids)) not in seen:
+                seen.add(key)
+                contexts[-1].append(ids)
+    return [c for c in contexts if c]
+
+
+def states_of(steps: pa.Table, split: str) -> list[list[int]]:
+    """The distinct states of the split's steps (as `context_states`), ordered by key."""
+    states = {state_key(s): s for context in context_states(steps, split) for s in context}
     return [states[k] for k in sorted(states)]
 
 

@@ -7,7 +7,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learners.dpo import PreferencePair, dpo_loss, kept_pair_weight, pair_logprobs, prefer
+from learners.dpo import PreferencePair, context_logprobs, dpo_loss, fitting_pairs, kept_pair_weight, prefer
 
 
 def test_dpo_loss_and_gradient_by_hand():
@@ -48,10 +48,66 @@ def test_dpo_with_a_shared_state_equals_two_full_sequences(tiny_model):
         loss.backward()
         return mine.detach(), loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
-    shared = loss_and_grad(lambda m: pair_logprobs(m, pair, "cpu"))
+    shared = loss_and_grad(lambda m: context_logprobs(m, [pair], "cpu")[0])
     full = loss_and_grad(lambda m: torch.stack([full_sequence(m, pair.chosen), full_sequence(m, pair.rejected)]))
     for a, b in zip(shared, full):  # float32 sums in another order: gradients agree to ~1e-5
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-3, atol=1e-4)
+
+
+def test_the_pairs_of_a_context_off_one_encoding_equal_each_pair_alone(tiny_model):
+    """Pairs at three states of one episode, all hanging off its longest state in one row: the
+    same log-probabilities, DPO loss and gradient as each pair off its own state."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    turn = tokenizer.encode("ACTION: go to desk 1<|im_end|>\n<|im_start|>user\nYou see a mug.<|im_end|>\n"
+                            "<|im_start|>assistant\n")
+    first = tokenizer.encode("<|im_start|>user\nYour task is to: look.<|im_end|>\n<|im_start|>assistant\n")
+    states = [first, first + turn, first + turn + turn]
+    pairs = [PreferencePair(s, tokenizer.encode(f"ACTION: take mug {i}"), tokenizer.encode("ACTION: look"), 0.9, 0.1, 0)
+             for i, s in enumerate(states)]
+    pairs[1] = PreferencePair(states[1], tokenizer.encode("ACTION: look") + [tokenizer.eos_token_id],
+                              tokenizer.encode("REASON: the desk"), 0.6, 0.2, 0)
+
+    def loss_and_grad(logprobs_of):
+        model.zero_grad()
+        with torch.no_grad():
+            ref = logprobs_of(reference)
+        mine = logprobs_of(model)
+        loss, _ = dpo_loss(mine[:, 0], mine[:, 1], ref[:, 0], ref[:, 1], beta=0.5)
+        loss.backward()
+        return mine.detach(), loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    grouped = loss_and_grad(lambda m: context_logprobs(m, pairs, "cpu"))
+    alone = loss_and_grad(lambda m: torch.cat([context_logprobs(m, [p], "cpu") for p in pairs]))
+    for a, b in zip(grouped, alone):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="not prefixes of one context"):
+        context_logprobs(model, [pairs[0], PreferencePair(turn, [1], [2], 0.5, 0.1, 0)], "cpu")
+
+
+def test_a_contexts_row_keeps_the_leading_pairs_that_fit():
+    pairs = [PreferencePair([1] * n, [2] * 3, [3] * 2, 0.9, 0.1, 0) for n in (10, 20, 30)]
+    assert fitting_pairs(pairs, max_seq_len=24) == pairs[:1]  # 20 + 2 x 5 > 24
+    assert fitting_pairs(pairs, max_seq_len=30) == pairs[:2]
+    assert fitting_pairs(pairs, max_seq_len=45) == pairs
+    assert fitting_pairs(pairs, max_seq_len=14) == []
+
+
+def test_contexts_hold_an_episodes_distinct_states_in_order_and_start_anew_at_a_restart():
+    import pyarrow as pa
+
+    from learners.qtargets import context_states
+
+    rows = [  # (episode, step, context_start, prompt ids, response ids)
+        ("g#0", 0, True, [1, 2], [3]), ("g#0", 1, False, [4], [5]), ("g#0", 2, True, [6], [7]), ("g#0", 3, False, [8], [9]),
+        ("g#1", 0, True, [1, 2], [30]), ("g#1", 1, False, [40], [50]),  # the same first state as g#0
+        ("h#0", 0, True, [11], [12])]
+    table = pa.table({"episode_id": [r[0] for r in rows], "step": [r[1] for r in rows],
+                      "context_start": [r[2] for r in rows], "prompt_ids": [r[3] for r in rows],
+                      "response_ids": [r[4] for r in rows], "split": ["train"] * 6 + ["val"]})
+    assert context_states(table, "train") == [[[1, 2], [1, 2, 3, 4]], [[6], [6, 7, 8]], [[1, 2, 30, 40]]]
+    assert context_states(table, "val") == [[[11]]]
 
 
 def test_the_prms_favourite_is_chosen_and_ties_are_skipped():

@@ -180,7 +180,7 @@ class LastTokenPRM:
     def __init__(self):
         self.prompts: list[list[int]] = []
 
-    def score(self, prompt_ids, responses):
+    def score(self, prompt_ids, responses, session=None):
         self.prompts.append(prompt_ids)
         return ray.put(ScoreResult([float(r[-1] == ord("b")) for r in responses], 0))
 
@@ -193,10 +193,12 @@ def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_p
     state = tokenizer.encode(text)
     policy, prm = RecordingPolicy(), LastTokenPRM()
     dpo = {"max_policy_lag": 0, "push_every": 1, "temperature": 0.7, "max_new_tokens": 8,
-           "exploration_prompt": "Explore."}
-    pairs = PairSampler(policy, prm, lambda step: [state], dpo, seed=0, total_steps=1, tokenizer=tokenizer).pairs(1)
+           "samples_per_state": 2, "exploration_prompt": "Explore."}
+    contexts = PairSampler(policy, prm, lambda step: [[state]], dpo, seed=0, total_steps=1,
+                           tokenizer=tokenizer).pairs(1)
+    pair = contexts[0].pairs[0]
     assert policy.prompts == [tokenizer.encode(steer_prompt(text, "Explore."))]
-    assert prm.prompts == [state] and pairs[0].state == state and pairs[0].chosen == ids_of("ACTION: b")
+    assert prm.prompts == [state] and pair.state == state and pair.chosen == ids_of("ACTION: b")
 
 
 def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_games):
