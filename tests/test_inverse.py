@@ -193,7 +193,7 @@ def test_steered_exploration_samples_under_the_hint_and_learns_under_the_plain_p
     state = tokenizer.encode(text)
     policy, prm = RecordingPolicy(), LastTokenPRM()
     dpo = {"max_policy_lag": 0, "push_every": 1, "temperature": 0.7, "max_new_tokens": 8,
-           "samples_per_state": 2, "exploration_prompt": "Explore."}
+           "samples_per_state": 2, "max_seq_len": 1024, "exploration_prompt": "Explore."}
     contexts = PairSampler(policy, prm, lambda step: [[state]], dpo, seed=0, total_steps=1,
                            tokenizer=tokenizer).pairs(1)
     pair = contexts[0].pairs[0]
