@@ -1,13 +1,14 @@
 """Online DPO on whole episodes: a context's pairs off one encoding against each pair off its
 own state, on the same episodes, model and pairs.
 
-    python -m bench.dpo_throughput STEPS [--contexts 4] [--threads 2] [--model POLICY_FOLDER]
+    python -m bench.dpo_throughput STEPS [--contexts 4] [--threads 2] [--model POLICY_FOLDER] [--float32]
 
 STEPS holds step records: a folder of episode shards (e.g. <run>/iter_1/critic/rollouts) or a
 Parquet file of them (a run's demos.parquet). Each of the first `--contexts` contexts
 (`learners.qtargets.context_states`) gets a pair at every state: the step's own response
 chosen, another step's rejected. One DPO micro-step each way, as the learner takes it
-(the policy's forward and backward, the reference's forward, bf16 autocast): every pair of
+(the policy's forward and backward, the reference's forward, bf16 autocast unless
+`--float32`): every pair of
 a context in one row (`context_logprobs` of them all), and every pair in its own row (its
 state and two responses). Reports pairs per second, tokens computed per pair, and the
 largest difference of the two ways' log-probabilities. In this process, no Ray. Saved as
@@ -50,13 +51,13 @@ def context_pairs(steps: pa.Table, contexts: int, seed: int = 0) -> list[list[Pr
             for context in context_states(table, "train")[:contexts]]
 
 
-def micro_step(policy, reference, groups: list[list[PreferencePair]]) -> torch.Tensor:
+def micro_step(policy, reference, groups: list[list[PreferencePair]], bf16: bool) -> torch.Tensor:
     """The mean DPO loss over all the groups' pairs, forward and backward one row (group) at a
     time, as the learner's micro-batches go; the policy's log-probabilities."""
     policy.zero_grad()
     total, out = sum(map(len, groups)), []
     for group in groups:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 ref = context_logprobs(reference, group, "cpu")
             mine = context_logprobs(policy, group, "cpu")
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the policy (speed only)")
+    parser.add_argument("--float32", action="store_true", help="no bf16 autocast (the learners' default)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench/results/dpo_throughput.json"))
     args = parser.parse_args()
 
@@ -87,13 +89,13 @@ def main() -> None:
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pairs = [p for c in contexts for p in c]
     results = {"machine": machine(args.threads), "steps": str(args.steps), "model": args.model,
-               "contexts": len(contexts), "pairs": len(pairs), "runs": []}
+               "contexts": len(contexts), "pairs": len(pairs), "bf16_autocast": not args.float32, "runs": []}
     ways = (("a context's pairs in one row", contexts, lambda c: max(len(p.state) for p in c)),
             ("each pair in its own row", [[p] for p in pairs], lambda c: len(c[0].state)))
     first = None
     for name, groups, trunk_len in ways:
         start = time.perf_counter()
-        logprobs = micro_step(policy, reference, groups)
+        logprobs = micro_step(policy, reference, groups, bf16=not args.float32)
         seconds = time.perf_counter() - start
         first = logprobs if first is None else first
         tokens = sum(trunk_len(g) + sum(len(p.chosen) + len(p.rejected) for p in g) for g in groups)
