@@ -100,7 +100,8 @@ def test_contexts_hold_an_episodes_distinct_states_in_order_and_start_anew_at_a_
     from learners.qtargets import context_states
 
     rows = [  # (episode, step, context_start, prompt ids, response ids)
-        ("g#0", 0, True, [1, 2], [3]), ("g#0", 1, False, [4], [5]), ("g#0", 2, True, [6], [7]), ("g#0", 3, False, [8], [9]),
+        ("g#0", 0, True, [1, 2], [3]), ("g#0", 1, False, [4], [5]),
+        ("g#0", 2, True, [6], [7]), ("g#0", 3, False, [8], [9]),  # a restart at step 2
         ("g#1", 0, True, [1, 2], [30]), ("g#1", 1, False, [40], [50]),  # the same first state as g#0
         ("h#0", 0, True, [11], [12])]
     table = pa.table({"episode_id": [r[0] for r in rows], "step": [r[1] for r in rows],
