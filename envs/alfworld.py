@@ -80,14 +80,6 @@ class AlfworldEnv:
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
-            # textworld's PDDL environment loads its own copy of the planner's library for each
-            # game and never unloads it: a worker's memory grew by 2.3 MB a game (0.6 with this),
-            # to 1.7 GB after 600 games of demonstrations.
-            planner = getattr(self._env.unwrapped, "downward_lib", None)
-            if planner is not None:
-                import fast_downward
-
-                fast_downward.close_lib(planner)
         self._env, self._state = None, None
 
 

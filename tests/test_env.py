@@ -111,23 +111,3 @@ def test_the_unpacked_games_are_tied_to_their_archive(data_root, tmp_path, monke
     with pytest.raises(DataError, match="cannot be unpacked"):
         resolve_data_root(str(tmp_path / "bad.tar.xz"))
     assert not list((tmp_path / "cache").glob("*.partial*"))  # nothing half-unpacked is left
-
-
-def test_a_game_switch_unloads_the_previous_games_planner(ood_games):
-    """textworld loads a copy of the planner's library per game; the env unloads it again, so a
-    rollout worker playing hundreds of games does not hold hundreds of copies."""
-    def planner_copies() -> int:
-        with open("/proc/self/maps") as maps:
-            # each copy lies in its own temporary folder, deleted once loaded: "... (deleted)"
-            return len({line.split()[5] for line in maps if "libdownward.so" in line})
-
-    env = AlfworldEnv(max_steps=50)
-    copies = []
-    for game in ood_games[:4]:
-        env.reset(game)
-        env.step("look")
-        copies.append(planner_copies())
-    # (the process's first copy stays mapped; every later game's is unloaded)
-    assert copies[1] == copies[2] == copies[3] and copies[1] <= copies[0] + 1
-    env.close()
-    assert planner_copies() == copies[3] - 1
