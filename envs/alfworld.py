@@ -6,6 +6,8 @@ library, so several instances may live in one process as long as one thread driv
 from __future__ import annotations
 
 import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from envs.data import Game
@@ -25,7 +27,9 @@ class AlfworldEnv:
     """Plays one game at a time; `reset(game)` switches games. `with_expert` runs ALFWorld's
     handcoded expert beside the game (for `expert_action`): it plans after every step, and
     raises on some states a policy reaches (an empty `random.choice`), so only the expert
-    agent turns it on."""
+    agent turns it on. The expert breaks ties with `random.choice` on the process's global
+    random state, which the other games of a rollout worker share: here it draws from a
+    stream of its own, seeded by the game, so its episode of a game is the same every time."""
 
     def __init__(self, max_steps: int = 50, with_expert: bool = False):
         self.max_steps = max_steps
@@ -34,6 +38,7 @@ class AlfworldEnv:
         self.steps = 0
         self._env = None
         self._state = None
+        self._expert_random = random.Random()
 
     def reset(self, game: Game) -> Observation:
         """Start `game` from its initial state; the task sentence goes to `self.task`."""
@@ -47,7 +52,9 @@ class AlfworldEnv:
             wrappers.append(AlfredExpert(expert_type="handcoded"))
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=extras)
         self._env = textworld.start(game.path, infos, wrappers=wrappers)
-        self._state = self._env.reset()
+        self._expert_random.seed(game.game_id)
+        with self._expert_draws():
+            self._state = self._env.reset()
         self.steps = 0
         intro, _, task = self._state["feedback"].partition(_TASK_PREFIX)
         if not task:
@@ -61,7 +68,8 @@ class AlfworldEnv:
         """Send `command` (any text: the game answers "Nothing happens." to nonsense)."""
         if self._state is None:
             raise RuntimeError("step() before reset()")
-        self._state, _, game_over = self._env.step(command)
+        with self._expert_draws():
+            self._state, _, game_over = self._env.step(command)
         self.steps += 1
         won = bool(self._state["won"])
         done = bool(game_over) or won or self.steps >= self.max_steps
@@ -72,6 +80,20 @@ class AlfworldEnv:
         if not self.with_expert:
             raise RuntimeError("expert_action() needs AlfworldEnv(with_expert=True)")
         return self._state["extra.expert_plan"][0]
+
+    @contextmanager
+    def _expert_draws(self):
+        """The expert plans inside the game's reset and step: its draws come from this game's stream."""
+        if not self.with_expert:
+            yield
+            return
+        from alfworld.agents.expert import handcoded_expert
+
+        handcoded_expert.random = self._expert_random
+        try:
+            yield
+        finally:
+            handcoded_expert.random = random
 
     def _commands(self) -> list[str]:
         # "help" lists the game's verbs: no use to an agent, and not an action on the world.

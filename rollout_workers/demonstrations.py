@@ -1,7 +1,7 @@
 """The handcoded expert's demonstrations, played once and kept for every later run.
 
 A store is a folder of episode shards, one per (games data, split, step limit, expert):
-`<demos.store, default <cache>/demonstrations>/<split>-<max_steps>steps-handcoded-<data>/`. A run asks
+`<demos.store, default <cache>/demonstrations>/<split>-<max_steps>steps-<EXPERT>-<data>/`. A run asks
 for its games and plays only those the store lacks, so a second run, or a run on a subset
 of the games, plays none. `store.json` names what the store holds; a store that names
 something else is refused, never mixed. The shards' prompts and token ids are those of the
@@ -21,7 +21,10 @@ from configs import cache_dir
 from envs.data import DataError, data_fingerprint
 from rollout_workers.records import SCHEMA, episodes_in_order
 
-EXPERT = "handcoded"  # alfworld's handcoded expert (the only one that needs no model)
+# alfworld's handcoded expert (the only one that needs no model), its ties broken by a random
+# stream seeded by the game (envs.AlfworldEnv): a game's demonstration is the same in every store.
+# Stores of "handcoded", whose ties drew on the worker's shared random state, are not reused.
+EXPERT = "handcoded-seeded"
 
 
 def demonstration_store(data_root: Path, split: str, max_steps: int, stores: str | None = None) -> Path:
