@@ -91,6 +91,8 @@ def validate(cfg: DictConfig) -> None:
                 "policy.max_batch_size", "policy.max_new_tokens", "env.max_steps",
                 "eval.episodes_per_game"):
         _check(OmegaConf.select(cfg, key) >= 1, f"{key} must be at least 1")
+    for key in ("policy.max_restarts", "prm_service.max_restarts", "rollout.max_restarts"):
+        _check(OmegaConf.select(cfg, key) >= 0, f"{key} must be >= 0")
     _check(cfg.dpo.samples_per_state >= 2, "dpo.samples_per_state must be at least 2 (a pair)")
     for key in ("eval.num_games", "demos.num_games"):
         n = OmegaConf.select(cfg, key)

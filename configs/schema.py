@@ -86,6 +86,9 @@ class PolicyConfig:
     replicas: int = 1
     num_cpus: float = 1.0  # Ray CPUs per replica
     torch_threads: Optional[int] = None  # CPU threads of the engine; null = num_cpus (at least 1)
+    # Times Ray restarts a replica whose process died; the restarted one loads the latest
+    # pushed weights, and the requests that were in flight on it are sent to it again.
+    max_restarts: int = 3
     num_gpus: float = 0.0  # Ray GPUs per replica
     # Custom Ray resources every replica requests (cluster.yaml gives them to GPU nodes).
     resources: dict[str, float] = field(default_factory=dict)
@@ -110,6 +113,8 @@ class RolloutConfig:
     num_workers: int = 2  # Ray actors, each holding several environments
     envs_per_worker: int = 4
     num_cpus: float = 0.5  # Ray CPUs per worker
+    # Times Ray restarts a worker whose process died; the episodes it was playing start again.
+    max_restarts: int = 3
     # Custom Ray resources every rollout worker requests (cluster.yaml gives them to CPU nodes).
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -270,6 +275,7 @@ class PRMServiceConfig:
     """Ray actors serving a PRM checkpoint (Best-of-N acting, DPO)."""
     model: Optional[str] = None  # a PRM folder (mode=critic writes <run_dir>/critic/prm); mode=critic sets it
     replicas: int = 1
+    max_restarts: int = 3  # as policy.max_restarts: a restarted replica loads the latest PRM checkpoint
     num_cpus: float = 1.0
     torch_threads: Optional[int] = None  # null = num_cpus (at least 1)
     num_gpus: float = 0.0

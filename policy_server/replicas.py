@@ -1,28 +1,72 @@
-"""The replicas of one service (policy servers, PRM servers) behind one picklable handle."""
+"""The replicas of one service (policy servers, PRM servers) behind one picklable handle.
+
+A replica whose process dies (a crash, an OOM kill, a lost node) is restarted by Ray up to
+its service's `max_restarts`, and the calls that were in flight on it are sent again to the
+new process (`replica_options`). The new process starts from its constructor's arguments,
+the weights the service started with, so a service also keeps what it serves now in a
+`LatestVersion` actor, where a restarted replica catches up before it answers anything.
+"""
 from __future__ import annotations
 
 import itertools
 import zlib
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+def replica_options(max_restarts: int) -> dict:
+    """Ray actor options of a replica: restarted up to `max_restarts` times, its calls in flight
+    retried on the restarted process for as long as it has restarts left."""
+    return {"max_restarts": max_restarts, "max_task_retries": -1}
+
+
+class LatestVersion:
+    """The newest version a service was told to serve, and what loads it (the policy's weights,
+    a PRM folder), kept in the object store by this actor, which owns the copy: it outlives the
+    learner that pushed it. Placed on the node of the process that starts the service (the
+    driver's), so losing a replica's node does not lose it."""
+
+    def __init__(self):
+        self.version, self.source = 0, None
+
+    def keep(self, version: int, source: Any) -> int:
+        """Keep `source` (an ObjectRef passed directly is fetched and stored anew here) as
+        `version` unless a newer one is kept; returns the version kept."""
+        if version >= self.version:
+            self.version, self.source = version, ray.put(source)
+        return self.version
+
+    def latest(self) -> tuple[int, Optional[list]]:
+        """(version, [ObjectRef of its source]); (0, None) before anything was kept."""
+        return self.version, None if self.source is None else [self.source]
+
+
+def start_latest_version():
+    """A `LatestVersion` actor on this process's node (no CPU of its own)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(LatestVersion).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 @dataclass
 class Replicas:
     """Actor handles of a service's replicas: round-robin picking, a call on every replica,
     shutdown. Picklable (rollout workers and learners hold one); each holder keeps its own
-    round-robin turn."""
+    round-robin turn. `latest`: the service's `LatestVersion`, where new versions are kept
+    before the replicas load them."""
     servers: list
+    latest: Any
 
     def __post_init__(self):
         self._turn = itertools.count()
 
     def __getstate__(self):
-        return {"servers": self.servers}
+        return {"servers": self.servers, "latest": self.latest}
 
     def __setstate__(self, state):
-        self.servers = state["servers"]
+        self.servers, self.latest = state["servers"], state["latest"]
         self.__post_init__()
 
     def next_replica(self) -> int:
@@ -40,10 +84,20 @@ class Replicas:
         starting answers once it is up)."""
         return ray.get([getattr(s, method).remote(*args) for s in self.servers], timeout=timeout_s)
 
+    def keep_latest(self, version: int, source: Any, timeout_s: float = 600) -> None:
+        """Record `version` and what loads it (an ObjectRef or a small value) before the
+        replicas load it: a replica restarted from then on comes back serving it."""
+        ray.get(self.latest.keep.remote(version, source), timeout=timeout_s)
+
     def shutdown(self) -> None:
-        """Let each replica stop what it runs (engine processes, endpoints), then kill it."""
+        """Let each live replica stop what it runs (engine processes, endpoints), then kill it."""
         try:
-            self.call_all("shutdown", timeout_s=120)
+            for stopped in [s.shutdown.remote() for s in self.servers]:
+                try:
+                    ray.get(stopped, timeout=120)
+                except ray.exceptions.ActorDiedError:
+                    pass  # dead for good (out of restarts): nothing runs there any more
         finally:
             for s in self.servers:
-                ray.kill(s)
+                ray.kill(s, no_restart=True)
+            ray.kill(self.latest, no_restart=True)

@@ -5,7 +5,8 @@ them; the engine batches whatever is in flight, so generation for some environme
 overlaps with other environments stepping their games. Each result carries the policy
 version of the weights that produced it: a weight update waits for in-flight requests, holds
 new ones, loads, and bumps the version. A replica whose weight load failed refuses requests
-(its model may be half-loaded) instead of serving them.
+(its model may be half-loaded) instead of serving them. A replica that Ray restarted after
+its process died loads the latest pushed weights before it answers (policy_server/replicas.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ray
 import torch
 
 from policy_server.engine import Generation, InferenceEngine, Prompt, SamplingParams, per_prompt
-from policy_server.replicas import Replicas
+from policy_server.replicas import Replicas, replica_options, start_latest_version
 
 
 @dataclass
@@ -52,9 +53,11 @@ def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> In
 
 
 class PolicyServer:
-    """One replica. Use through `start_policy_servers`, which returns a `PolicyClient`."""
+    """One replica. Use through `start_policy_servers`, which returns a `PolicyClient`.
+    `latest`: the service's `LatestVersion`, whose weights (if any were pushed) the replica
+    loads before its first answer, so a restarted replica serves what the others serve."""
 
-    def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0):
+    def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0, latest=None):
         torch.set_num_threads(max(1, policy_cfg["torch_threads"] or int(policy_cfg["num_cpus"])))
         self.model_path = model_path
         self.served_model_name = policy_cfg["model"]
@@ -68,11 +71,37 @@ class PolicyServer:
         self._update_lock = asyncio.Lock()
         self._broken: str | None = None  # why this replica refuses requests
         self._openai = None
+        self._latest = latest
+        self._caught_up = latest is None
+
+    async def _catch_up(self) -> None:
+        """Load the latest pushed weights, once, before anything else is answered. Weights
+        streamed by vLLM's sync protocol are not kept: a replica restarted after such an update
+        refuses requests rather than serve its initial weights."""
+        if self._caught_up:
+            return
+        async with self._update_lock:
+            if self._caught_up:
+                return
+            try:
+                version, source = await self._latest.latest.remote()
+                weights = await source[0] if source else None
+                if version > self.version and weights is None:
+                    self._broken = f"restarted after weight version {version}, which was streamed and not kept"
+                elif version > self.version:
+                    await self._hold_requests()
+                    try:
+                        await self._load(weights, version)  # a failure leaves the replica refusing requests
+                    finally:
+                        self._accepting.set()
+            finally:
+                self._caught_up = True
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
         """`params` is one SamplingParams for all prompts, or one per prompt; a prompt is
         text or token ids (used as given)."""
         params = per_prompt(params, len(prompts))
+        await self._catch_up()
         await self._accepting.wait()
         if self._broken:
             raise RuntimeError(f"policy server replica unusable: {self._broken}; restart it")
@@ -88,17 +117,22 @@ class PolicyServer:
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load new weights in place; generations after this report `version`."""
+        await self._catch_up()
         async with self._update_lock:
             await self._hold_requests()
             try:
-                await self.engine.load_weights(state_dict)
-                self.version = version
-            except BaseException as e:
-                self._broken = f"loading weights version {version} failed: {e!r}"
-                raise
+                await self._load(state_dict, version)
             finally:
                 self._accepting.set()
         return version
+
+    async def _load(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        try:
+            await self.engine.load_weights(state_dict)
+            self.version = version
+        except BaseException as e:
+            self._broken = f"loading weights version {version} failed: {e!r}"
+            raise
 
     async def _hold_requests(self) -> None:
         self._accepting.clear()
@@ -136,6 +170,8 @@ class PolicyServer:
         try:
             await self._vllm().end_weight_update()
             self.version += 1
+            if self._latest is not None:  # the version alone: a replica restarted later refuses to serve
+                await self._latest.keep.remote(self.version, None)
         except BaseException as e:
             self._broken = f"finishing a weight update failed: {e!r}"
             raise
@@ -165,7 +201,8 @@ class PolicyServer:
                                                              self.served_model_name, port)
         return self._openai.url
 
-    def get_version(self) -> int:
+    async def get_version(self) -> int:
+        await self._catch_up()
         return self.version
 
     def get_stats(self) -> dict[str, int]:
@@ -193,8 +230,11 @@ class PolicyClient(Replicas):
         return self.servers[self.replica_for(session)].generate.remote(prompts, params)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float = 600) -> None:
-        """Every replica loads `state_dict` (put in the object store once) and reports `version`."""
-        self.call_all("load_weights", ray.put(state_dict), version, timeout_s=timeout_s)
+        """Every replica loads `state_dict` (put in the object store once) and reports `version`;
+        the weights are kept first, for replicas restarted later."""
+        weights = ray.put(state_dict)
+        self.keep_latest(version, weights, timeout_s)
+        self.call_all("load_weights", weights, version, timeout_s=timeout_s)
 
     def versions(self) -> list[int]:
         return self.call_all("get_version")
@@ -212,16 +252,18 @@ class PolicyClient(Replicas):
 
 
 def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyClient:
-    """`policy.replicas` server actors with the configured resources, behind one `PolicyClient`."""
+    """`policy.replicas` server actors with the configured resources, behind one `PolicyClient`;
+    each is restarted up to `policy.max_restarts` times."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(policy_cfg, resolve=True) if not isinstance(policy_cfg, dict) else policy_cfg
     actor = ray.remote(PolicyServer).options(
         num_cpus=cfg["num_cpus"], num_gpus=cfg["num_gpus"], resources=dict(cfg["resources"]),
         # Requests held during a weight update occupy slots; the update's own calls need free ones.
-        max_concurrency=100_000,
+        max_concurrency=100_000, **replica_options(cfg["max_restarts"]),
     )
-    client = PolicyClient([actor.remote(model_path, cfg, seed + i) for i in range(cfg["replicas"])])
+    latest = start_latest_version()
+    client = PolicyClient([actor.remote(model_path, cfg, seed + i, latest) for i in range(cfg["replicas"])], latest)
     if cfg["openai_port"] is not None:
         client.wait_ready()
         for url in client.serve_openai(cfg["openai_port"]):

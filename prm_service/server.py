@@ -4,10 +4,13 @@ Rollout workers (Best-of-N) and the DPO learner ask for the scores of a few resp
 one prompt at a time; each replica merges concurrent requests into one batch (up to
 `prm_service.max_batch_size` pairs, waiting at most `max_wait_ms`), and encodes each
 distinct prompt once. A newer PRM checkpoint replaces the weights in place, between
-batches, and every score carries the PRM version that produced it.
+batches, and every score carries the PRM version that produced it. A replica that Ray
+restarted after its process died loads the latest checkpoint before it scores anything
+(policy_server/replicas.py).
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +18,7 @@ import ray
 import torch
 
 from policy_server.batching import DynamicBatcher
-from policy_server.replicas import Replicas
+from policy_server.replicas import Replicas, replica_options, start_latest_version
 from prm_service.scorer import PRMScorer, ScoreRequest
 
 
@@ -27,9 +30,11 @@ class ScoreResult:
 
 
 class PRMServer:
-    """One replica. Use through `start_prm_servers`, which returns a `PRMClient`."""
+    """One replica. Use through `start_prm_servers`, which returns a `PRMClient`. `latest`: the
+    service's `LatestVersion`, whose checkpoint (if a newer one was loaded) the replica loads
+    before its first answer."""
 
-    def __init__(self, model_path: str, prm_cfg: dict, version: int = 0):
+    def __init__(self, model_path: str, prm_cfg: dict, version: int = 0, latest=None):
         torch.set_num_threads(max(1, prm_cfg["torch_threads"] or int(prm_cfg["num_cpus"])))
         self.scorer = PRMScorer(model_path, device=prm_cfg["device"], dtype=prm_cfg["dtype"],
                                 trust_remote_code=prm_cfg["trust_remote_code"], share_prompt=prm_cfg["share_prompt"],
@@ -40,14 +45,33 @@ class PRMServer:
         self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
+        self._latest = latest
+        self._caught_up = latest is None
+        self._catch_up_lock = asyncio.Lock()
+
+    async def _catch_up(self) -> None:
+        """Load the latest checkpoint the service was told to serve, once, before anything else."""
+        if self._caught_up:
+            return
+        async with self._catch_up_lock:
+            if self._caught_up:
+                return
+            try:
+                version, source = await self._latest.latest.remote()
+                if version > self.version:
+                    await self._batcher.run_exclusive(self._load, await source[0], version)
+            finally:
+                self._caught_up = True
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> ScoreResult:
+        await self._catch_up()
         self._stats["requests"] += 1
         return await self._batcher.submit(ScoreRequest(list(prompt_ids), [list(r) for r in responses]))
 
     async def load(self, model_path: str, version: int) -> int:
         """Load a newer checkpoint (a version not above the current one is ignored); returns
         the version now served."""
+        await self._catch_up()
         return await self._batcher.run_exclusive(self._load, model_path, version)
 
     def _load(self, model_path: str, version: int) -> int:
@@ -58,7 +82,8 @@ class PRMServer:
             self.version = version
         return self.version
 
-    def get_stats(self) -> dict[str, int]:
+    async def get_stats(self) -> dict[str, int]:
+        await self._catch_up()
         return {**self._stats, "batches": self._batcher.batches, "forward_passes": self.scorer.forward_passes,
                 "computed_tokens": self.scorer.computed_tokens,
                 "version": self.version}
@@ -86,7 +111,9 @@ class PRMClient(Replicas):
         return self.servers[self.replica_for(session)].score.remote(prompt_ids, responses)
 
     def load(self, model_path: str, version: int, timeout_s: float = 600) -> list[int]:
-        """Every replica loads the checkpoint unless it already serves `version` or newer."""
+        """Every replica loads the checkpoint unless it already serves `version` or newer; the
+        checkpoint is kept first, for replicas restarted later."""
+        self.keep_latest(version, model_path, timeout_s)
         return self.call_all("load", model_path, version, timeout_s=timeout_s)
 
     def stats(self) -> list[dict[str, int]]:
@@ -94,10 +121,13 @@ class PRMClient(Replicas):
 
 
 def start_prm_servers(prm_cfg: Any, model_path: str, version: int = 0) -> PRMClient:
-    """`prm_service.replicas` actors serving the PRM at `model_path`, behind one `PRMClient`."""
+    """`prm_service.replicas` actors serving the PRM at `model_path`, behind one `PRMClient`;
+    each is restarted up to `prm_service.max_restarts` times."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(prm_cfg, resolve=True) if not isinstance(prm_cfg, dict) else prm_cfg
     actor = ray.remote(PRMServer).options(num_cpus=cfg["num_cpus"], num_gpus=cfg["num_gpus"],
-                                          resources=dict(cfg["resources"]), max_concurrency=10_000)
-    return PRMClient([actor.remote(model_path, cfg, version) for _ in range(cfg["replicas"])])
+                                          resources=dict(cfg["resources"]), max_concurrency=10_000,
+                                          **replica_options(cfg["max_restarts"]))
+    latest = start_latest_version()
+    return PRMClient([actor.remote(model_path, cfg, version, latest) for _ in range(cfg["replicas"])], latest)

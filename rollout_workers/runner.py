@@ -26,7 +26,8 @@ def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyCl
     actor = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus, resources=dict(cfg.rollout.resources),
         max_concurrency=cfg.rollout.envs_per_worker,
-        max_restarts=3, max_task_retries=3,  # a crashed worker comes back and replays its episodes
+        # A crashed worker comes back and replays its episodes from their start.
+        max_restarts=cfg.rollout.max_restarts, max_task_retries=-1,
     )
     prompt = OmegaConf.to_container(cfg.prompt) if isinstance(cfg.prompt, DictConfig) else dict(cfg.prompt)
     return [

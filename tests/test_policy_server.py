@@ -1,4 +1,7 @@
 """The transformers engine and the policy server actor, on a tiny random model."""
+import os
+import signal
+
 import pytest
 import ray
 import torch
@@ -213,4 +216,40 @@ def test_a_failed_weight_load_makes_the_replica_refuse_requests(ray_local, tiny_
         policy.load_weights({"model.embed_tokens.weight": torch.zeros(3, 3)}, version=1)
     with pytest.raises(ray.exceptions.RayTaskError, match="replica unusable: loading weights version 1 failed"):
         ray.get(policy.generate(PROMPTS[:1], SamplingParams(max_tokens=2)), timeout=60)
+    policy.shutdown()
+
+
+def replica_pid(server) -> int:
+    return ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=120)
+
+
+def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_model, tmp_path):
+    """SIGKILL of a replica with requests in flight: the restarted process loads the latest
+    pushed weights before it answers, and answers each request once, stamped with their version."""
+    from tests.conftest import build_tiny_model
+
+    policy = start_server(tiny_model)
+    (server,) = policy.servers
+    params = SamplingParams(max_tokens=8)
+    policy.load_weights(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v1", seed=2)).state_dict(),
+                        version=1)
+    expected = [g[0].token_ids for g in ray.get(policy.generate(PROMPTS, params), timeout=60).generations]
+    pid = replica_pid(server)
+    ray.get(server.__ray_call__.remote(lambda replica: replica._accepting.clear()), timeout=60)  # hold requests
+    in_flight = [policy.generate([p], params) for p in PROMPTS * 4]
+    assert ray.wait(in_flight, num_returns=1, timeout=1)[0] == []  # held, not answered
+    os.kill(pid, signal.SIGKILL)
+    results = ray.get(in_flight, timeout=300)
+    assert replica_pid(server) != pid
+    assert [r.policy_version for r in results] == [1] * 12
+    assert [r.generations[0][0].token_ids for r in results] == expected * 4
+    assert policy.versions() == [1] and policy.stats()[0]["requests"] == 12  # each once, by the new process
+    policy.shutdown()
+
+
+def test_a_replica_out_of_restarts_fails_its_requests(ray_local, tiny_model):
+    policy = start_server(tiny_model, **{"policy.max_restarts": 0})
+    os.kill(replica_pid(policy.servers[0]), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(policy.generate(PROMPTS[:1], SamplingParams(max_tokens=2)), timeout=120)
     policy.shutdown()

@@ -2,6 +2,8 @@
 import asyncio
 import json
 import math
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -305,6 +307,13 @@ def test_service_batches_concurrent_requests_and_reloads_by_version(ray_local, t
         after = ray.get(prm.score(reqs[1].prompt_ids, reqs[1].responses))  # its state was cached by version 0
         assert after.prm_version == 2
         assert after.scores == pytest.approx(PRMScorer(str(tmp_path / "v2")).score([reqs[1]])[0], abs=1e-4)
+        # A killed replica comes back serving the latest checkpoint, at its version.
+        (server,) = prm.servers
+        pid = ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        restarted = ray.get(prm.score(reqs[1].prompt_ids, reqs[1].responses), timeout=300)
+        assert ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=60) != pid
+        assert restarted.prm_version == 2 and restarted.scores == pytest.approx(after.scores, abs=1e-4)
     finally:
         prm.shutdown()
 
