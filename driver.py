@@ -49,6 +49,7 @@ from envs import list_games, pick_games, resolve_data_root  # noqa: E402
 from learners import (build_dataset, build_transitions, sample_next_actions, states_of, train_dpo,  # noqa: E402
                       train_inverse_prm, train_prm, train_sft, without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
+from policy_server.replicas import unrecoverable  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
@@ -513,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         MODES[cfg.mode](cfg, run_dir)
+    except ray.exceptions.RayError as e:
+        failure = unrecoverable(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}; what finished is kept: run the same command again to resume", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     return 0

@@ -9,12 +9,34 @@ the weights the service started with, so a service also keeps what it serves now
 from __future__ import annotations
 
 import itertools
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+class ReplicaUnusable(RuntimeError):
+    """A replica refuses requests: its weights could not be loaded, so it may serve a half-loaded model."""
+
+
+def unrecoverable(error: BaseException) -> str | None:
+    """One line for a failure no retry gets past, found at the root of a chain of Ray task
+    errors (a rollout worker's episode failed because the policy server died, say): an actor
+    dead with its restarts used up, or a replica that refuses requests. None for other errors."""
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause not in (None, error):
+        error = error.cause
+    if isinstance(error, ReplicaUnusable):
+        return str(error)
+    if not isinstance(error, ray.exceptions.ActorDiedError):
+        return None
+    text = str(error)
+    name, pid = re.search(r"class_name: (\w+)", text), re.search(r"pid: (\d+)", text)
+    cause = re.search(r"The actor is dead because ([^.]*)", text) or re.search(r"The actor died because ([^,.]*)", text)
+    return (f"the {name.group(1) if name else 'actor'} actor{f' (pid {pid.group(1)})' if pid else ''} died with no "
+            f"restarts left: {cause.group(1) if cause else text.splitlines()[0]}")
 
 
 def replica_options(max_restarts: int) -> dict:

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from policy_server.engine import Generation, InferenceEngine, Prompt, SamplingParams, per_prompt
-from policy_server.replicas import Replicas, replica_options, start_latest_version
+from policy_server.replicas import Replicas, ReplicaUnusable, replica_options, start_latest_version
 
 
 @dataclass
@@ -104,7 +104,7 @@ class PolicyServer:
         await self._catch_up()
         await self._accepting.wait()
         if self._broken:
-            raise RuntimeError(f"policy server replica unusable: {self._broken}; restart it")
+            raise ReplicaUnusable(f"policy server replica unusable: {self._broken}")
         self._in_flight += 1
         self._idle.clear()
         version = self.version  # updates wait for in-flight requests, so this stays true

@@ -248,8 +248,15 @@ def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_
 
 
 def test_a_replica_out_of_restarts_fails_its_requests(ray_local, tiny_model):
+    """...with an error the driver reports in one line naming the actor."""
+    from policy_server.replicas import unrecoverable
+
     policy = start_server(tiny_model, **{"policy.max_restarts": 0})
-    os.kill(replica_pid(policy.servers[0]), signal.SIGKILL)
-    with pytest.raises(ray.exceptions.ActorDiedError):
+    pid = replica_pid(policy.servers[0])
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.ActorDiedError) as died:
         ray.get(policy.generate(PROMPTS[:1], SamplingParams(max_tokens=2)), timeout=120)
+    assert unrecoverable(died.value) == (f"the PolicyServer actor (pid {pid}) died with no restarts left: "
+                                         "its worker process has died")
+    assert unrecoverable(ValueError("a bug")) is None
     policy.shutdown()

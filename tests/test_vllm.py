@@ -172,3 +172,29 @@ def test_openai_client_talks_to_vllms_own_server(policy, alfworld_prompts):
                                            max_tokens=12, temperature=0)
     (expected,), = ray.get(policy.generate(alfworld_prompts[:1], GREEDY), timeout=120).generations
     assert completion.choices[0].text == expected.text
+
+
+def test_a_killed_vllm_replica_comes_back_at_the_latest_weights_and_leaves_no_engine(
+        ray_local, tiny_model, other_model, alfworld_prompts):
+    """SIGKILL of a vLLM replica with requests in flight: its engine process goes with it, and
+    the restarted replica answers them with the latest pushed weights, stamped with their version."""
+    import signal
+
+    import psutil
+
+    cfg = small_cfg(**VLLM, **{"policy.dtype": "float32"})
+    policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
+    (server,) = policy.servers
+    policy.load_weights(AutoModelForCausalLM.from_pretrained(other_model).state_dict(), version=1)
+    pid = ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=120)
+    engine_processes = psutil.Process(pid).children(recursive=True)
+    assert engine_processes  # vLLM's engine core runs in a process of its own
+    ray.get(server.__ray_call__.remote(lambda replica: replica._accepting.clear()), timeout=60)  # hold requests
+    in_flight = [policy.generate([p], GREEDY) for p in alfworld_prompts]
+    os.kill(pid, signal.SIGKILL)
+    results = ray.get(in_flight, timeout=600)
+    assert [r.policy_version for r in results] == [1] * len(alfworld_prompts)
+    assert [greedy_tokens(r)[0] for r in results] == hf_greedy(other_model, alfworld_prompts)
+    _, alive = psutil.wait_procs(engine_processes, timeout=60)
+    assert not alive, f"engine processes of the killed replica still run: {[p.pid for p in alive]}"
+    policy.shutdown()
