@@ -8,11 +8,12 @@ the weights the service started with, so a service also keeps what it serves now
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -64,6 +65,29 @@ class LatestVersion:
     def latest(self) -> tuple[int, Optional[list]]:
         """(version, [ObjectRef of its source]); (0, None) before anything was kept."""
         return self.version, None if self.source is None else [self.source]
+
+
+class CatchUp:
+    """A replica's catch-up with its service's `LatestVersion`: once, before its first answer,
+    `load(version, source)` runs if a newer version than the replica's own was kept (source is
+    None for a version kept without what loads it). Under `lock`, which the replica's own loads
+    also hold. No `latest`: nothing to catch up with."""
+
+    def __init__(self, latest, lock: asyncio.Lock):
+        self.latest, self.lock, self.done = latest, lock, latest is None
+
+    async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
+        if self.done:
+            return
+        async with self.lock:
+            if self.done:
+                return
+            try:
+                latest, source = await self.latest.latest.remote()
+                if latest > version:
+                    await load(latest, await source[0] if source else None)
+            finally:
+                self.done = True  # a failed load leaves the replica refusing requests, not retrying
 
 
 def start_latest_version():

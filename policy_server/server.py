@@ -18,7 +18,7 @@ import ray
 import torch
 
 from policy_server.engine import Generation, InferenceEngine, Prompt, SamplingParams, per_prompt
-from policy_server.replicas import Replicas, ReplicaUnusable, replica_options, start_latest_version
+from policy_server.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
 
 
 @dataclass
@@ -72,36 +72,26 @@ class PolicyServer:
         self._broken: str | None = None  # why this replica refuses requests
         self._openai = None
         self._latest = latest
-        self._caught_up = latest is None
+        self._catch_up = CatchUp(latest, self._update_lock)
 
-    async def _catch_up(self) -> None:
-        """Load the latest pushed weights, once, before anything else is answered. Weights
-        streamed by vLLM's sync protocol are not kept: a replica restarted after such an update
-        refuses requests rather than serve its initial weights."""
-        if self._caught_up:
+    async def _load_latest(self, version: int, weights: dict[str, torch.Tensor] | None) -> None:
+        """A restarted replica's catch-up (under the update lock). Weights streamed by vLLM's
+        sync protocol are not kept: after such an update the replica refuses requests rather
+        than serve its initial weights."""
+        if weights is None:
+            self._broken = f"restarted after weight version {version}, which was streamed and not kept"
             return
-        async with self._update_lock:
-            if self._caught_up:
-                return
-            try:
-                version, source = await self._latest.latest.remote()
-                weights = await source[0] if source else None
-                if version > self.version and weights is None:
-                    self._broken = f"restarted after weight version {version}, which was streamed and not kept"
-                elif version > self.version:
-                    await self._hold_requests()
-                    try:
-                        await self._load(weights, version)  # a failure leaves the replica refusing requests
-                    finally:
-                        self._accepting.set()
-            finally:
-                self._caught_up = True
+        await self._hold_requests()
+        try:
+            await self._load(weights, version)
+        finally:
+            self._accepting.set()
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> GenerateResult:
         """`params` is one SamplingParams for all prompts, or one per prompt; a prompt is
         text or token ids (used as given)."""
         params = per_prompt(params, len(prompts))
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         await self._accepting.wait()
         if self._broken:
             raise ReplicaUnusable(f"policy server replica unusable: {self._broken}")
@@ -117,7 +107,7 @@ class PolicyServer:
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Load new weights in place; generations after this report `version`."""
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         async with self._update_lock:
             await self._hold_requests()
             try:
@@ -202,7 +192,7 @@ class PolicyServer:
         return self._openai.url
 
     async def get_version(self) -> int:
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         return self.version
 
     def get_stats(self) -> dict[str, int]:

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from policy_server.batching import DynamicBatcher
-from policy_server.replicas import Replicas, replica_options, start_latest_version
+from policy_server.replicas import CatchUp, Replicas, replica_options, start_latest_version
 from prm_service.scorer import PRMScorer, ScoreRequest
 
 
@@ -45,33 +45,20 @@ class PRMServer:
         self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
-        self._latest = latest
-        self._caught_up = latest is None
-        self._catch_up_lock = asyncio.Lock()
+        self._catch_up = CatchUp(latest, asyncio.Lock())
 
-    async def _catch_up(self) -> None:
-        """Load the latest checkpoint the service was told to serve, once, before anything else."""
-        if self._caught_up:
-            return
-        async with self._catch_up_lock:
-            if self._caught_up:
-                return
-            try:
-                version, source = await self._latest.latest.remote()
-                if version > self.version:
-                    await self._batcher.run_exclusive(self._load, await source[0], version)
-            finally:
-                self._caught_up = True
+    async def _load_latest(self, version: int, model_path: str) -> None:
+        await self._batcher.run_exclusive(self._load, model_path, version)
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> ScoreResult:
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         self._stats["requests"] += 1
         return await self._batcher.submit(ScoreRequest(list(prompt_ids), [list(r) for r in responses]))
 
     async def load(self, model_path: str, version: int) -> int:
         """Load a newer checkpoint (a version not above the current one is ignored); returns
         the version now served."""
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         return await self._batcher.run_exclusive(self._load, model_path, version)
 
     def _load(self, model_path: str, version: int) -> int:
@@ -83,7 +70,7 @@ class PRMServer:
         return self.version
 
     async def get_stats(self) -> dict[str, int]:
-        await self._catch_up()
+        await self._catch_up(self.version, self._load_latest)
         return {**self._stats, "batches": self._batcher.batches, "forward_passes": self.scorer.forward_passes,
                 "computed_tokens": self.scorer.computed_tokens,
                 "version": self.version}

@@ -91,3 +91,60 @@ def test_a_killed_worker_loses_no_episode(ray_local, tiny_model, ood_games, tmp_
     killer.join()
     assert killed.is_set()
     check_episodes(read_steps(episodes_dir), tasks)
+
+
+NODE_LOSS = """
+import sys, threading
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from configs.schema import DataConfig
+from envs import list_games, resolve_data_root
+from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
+from tests.conftest import small_cfg
+from tests.test_rollout import check_episodes
+
+tokenizer, episodes_dir = sys.argv[1], Path(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+doomed = cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
+ray.init(address=cluster.address)
+cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 25,
+                   "rollout.resources": "{rollout_node: 1}"})
+workers = start_rollout_workers(cfg, "random", tokenizer, None)
+games = list_games("eval_out_of_distribution", resolve_data_root(DataConfig().archive))
+tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(games[:8])]
+first_episode, lost = threading.Event(), threading.Event()
+def replace_the_node():
+    first_episode.wait(600)
+    cluster.add_node(num_cpus=2, resources={"rollout_node": 2})  # the replacement, as an autoscaler adds
+    cluster.remove_node(doomed)
+    lost.set()
+threading.Thread(target=replace_the_node, daemon=True).start()
+import rollout_workers.runner as runner
+write = runner.write_episode
+def write_and_tell(folder, steps):
+    write(folder, steps)
+    first_episode.set()
+    if len(list(folder.glob("*.parquet"))) == 1:
+        lost.wait(600)  # the node goes while the other episodes are in flight on it
+runner.write_episode = write_and_tell
+run_episodes(workers, 2, tasks, episodes_dir)
+assert lost.is_set()
+check_episodes(read_steps(episodes_dir), tasks)
+print(f"all {len(tasks)} episodes once after losing the node")
+"""
+
+
+def test_a_lost_node_loses_no_episode(tiny_model, tmp_path):
+    """Both rollout workers live on a node that is removed while episodes are in flight on it:
+    they restart on the replacement node and every episode is written once. In a process of its
+    own: a multi-node Ray cluster, not the tests' local one."""
+    import subprocess
+    import sys
+
+    from configs import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-c", NODE_LOSS, tiny_model, str(tmp_path / "episodes")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all 8 episodes once after losing the node" in done.stdout
