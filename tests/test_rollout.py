@@ -91,4 +91,3 @@ def test_a_killed_worker_loses_no_episode(ray_local, tiny_model, ood_games, tmp_
     killer.join()
     assert killed.is_set()
     check_episodes(read_steps(episodes_dir), tasks)
-
