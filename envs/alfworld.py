@@ -5,6 +5,7 @@ library, so several instances may live in one process as long as one thread driv
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from contextlib import contextmanager
@@ -87,8 +88,7 @@ class AlfworldEnv:
         if not self.with_expert:
             yield
             return
-        from alfworld.agents.expert import handcoded_expert
-
+        handcoded_expert = _alfworld("alfworld.agents.expert.handcoded_expert")
         handcoded_expert.random = self._expert_random
         try:
             yield
@@ -105,12 +105,16 @@ class AlfworldEnv:
         self._env, self._state = None, None
 
 
-def _alfworld_wrappers():
-    """alfworld's wrappers, imported without the side effect of its import: alfworld sets
-    $ALFWORLD_DATA to its own default when unset, which would hide our data resolution."""
+def _alfworld(module: str):
+    """An alfworld module, imported without the side effect of alfworld's import: alfworld
+    sets $ALFWORLD_DATA to its own default when unset, which would hide our data resolution."""
     before = os.environ.get("ALFWORLD_DATA")
-    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
-
+    imported = importlib.import_module(module)
     if before is None:
         os.environ.pop("ALFWORLD_DATA", None)
-    return AlfredDemangler, AlfredExpert, AlfredInfos
+    return imported
+
+
+def _alfworld_wrappers():
+    wrappers = _alfworld("alfworld.agents.environment.alfred_tw_env")
+    return wrappers.AlfredDemangler, wrappers.AlfredExpert, wrappers.AlfredInfos
