@@ -33,7 +33,6 @@ def test_a_pick_of_games_spans_the_task_types_in_their_shares(ood_games):
     assert pick_games(ood_games, None) == ood_games and pick_games(ood_games, 500) == ood_games
 
 
-
 def test_the_expert_plays_a_game_the_same_way_whatever_the_global_random_state(ood_games):
     """The expert breaks ties with `random.choice`; with the process's global random state
     (shared with a worker's other games) this game's episode took 26 steps after
@@ -56,6 +55,7 @@ def test_the_expert_plays_a_game_the_same_way_whatever_the_global_random_state(o
     assert play(1) == play(2)
     # the global state is the expert's again after a step
     assert sys.modules["alfworld.agents.expert.handcoded_expert"].random is random
+
 
 def test_unknown_split_is_a_clear_error(data_root):
     with pytest.raises(DataError, match="unknown split 'valid'"):
