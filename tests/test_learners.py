@@ -66,7 +66,9 @@ def test_sft_loss_without_prompt_logits_equals_the_causal_lms_own(tiny_model):
     ours_grad = model.model.embed_tokens.weight.grad.clone()
     model.zero_grad()
     theirs.backward()
-    assert torch.allclose(ours_grad, model.model.embed_tokens.weight.grad, atol=1e-6)
+    theirs_grad = model.model.embed_tokens.weight.grad
+    # float32 sums in another order: equal to 1e-5 of the largest entry, not bit for bit
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-5 * theirs_grad.abs().max().item())
 
 
 def test_worker_shares_split_each_step_by_length_and_lose_nothing(monkeypatch):
