@@ -134,6 +134,9 @@ def test_a_steps_dpo_loss_is_the_mean_over_its_kept_pairs_whatever_the_ties():
 
 
 def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path):
+    """A learner worker fails at step 3 (once, and only if not resumed): the job goes on only by
+    restarting from the step-2 checkpoint, which serves that checkpoint's weights again before
+    sampling; the versions then end where an unbroken run's do, each step logged once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -152,6 +155,7 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
         "response_ids": [tokenizer.encode("ACTION: look")] * 8}), tmp_path / "qtargets.parquet")
     cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
                        "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
+                       "dpo.checkpoint_every": 2, "learner.fail_at_step": 3, "learner.max_failures": 1,
                        "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "dpo.samples_per_state": 3,
                        "policy.model": tiny_model,
                        "policy.dtype": "float32"})  # its outputs are compared with a float32 engine's
