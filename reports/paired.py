@@ -2,6 +2,9 @@
 
     python -m reports.paired A/eval.json B/eval.json [--out paired.json]
 
+Either may also be a folder of episode shards, such as an evaluation still running: it is
+compared on the games it has finished.
+
 Two success rates alone cannot say whether one policy beats another: on 134 games, 30% vs
 35% is well within chance. On the same games the evidence is in the games one policy wins
 and the other loses (the discordant games); if neither policy is better, each such game is
@@ -47,6 +50,16 @@ def paired(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
             "p_value": mcnemar_exact(a_only, b_only)}
 
 
+def load_evaluation(path: Path) -> dict:
+    """An evaluation report (JSON), or the report of a folder of episode shards."""
+    if path.is_dir():
+        from rollout_workers.evaluation import summarize
+        from rollout_workers.records import read_steps
+
+        return summarize(read_steps(path))
+    return json.loads(path.read_text())
+
+
 def format_paired(result: dict) -> str:
     return (f"{result['games']} games: {result['a']} {result['a_success']:.1%}, {result['b']} {result['b_success']:.1%} "
             f"(difference {result['difference']:+.1%}); won by {result['a']} only {result['a_only']}, "
@@ -55,12 +68,12 @@ def format_paired(result: dict) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", type=Path, help="the first evaluation's report (eval.json)")
-    parser.add_argument("b", type=Path, help="the second evaluation's report, of the same games")
+    parser.add_argument("a", type=Path, help="the first evaluation's report (eval.json) or folder of shards")
+    parser.add_argument("b", type=Path, help="the second evaluation's, of the same games")
     parser.add_argument("--out", type=Path, help="also write the comparison here as JSON")
     args = parser.parse_args()
     try:
-        result = paired(json.loads(args.a.read_text()), json.loads(args.b.read_text()), (str(args.a), str(args.b)))
+        result = paired(load_evaluation(args.a), load_evaluation(args.b), (str(args.a), str(args.b)))
     except (OSError, ValueError) as error:  # a missing file, or reports that cannot be paired
         sys.exit(f"paired: {error}")
     print(format_paired(result))

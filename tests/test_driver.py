@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 import driver
 from configs import REPO_ROOT
 from reports.best_of_n import choice_stats
-from reports.paired import format_paired, paired
+from reports.paired import format_paired, load_evaluation, paired
 from rollout_workers import SCHEMA, format_report, summarize
+from rollout_workers.records import StepRecord, write_episode
 
 
 def test_summarize_hand_built_records():
@@ -50,7 +51,7 @@ def test_best_of_n_choice_stats_on_hand_made_steps():
     assert choice_stats(steps[-1:]) == {"steps_with_a_choice": 0}
 
 
-def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcnemar_p():
+def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcnemar_p(tmp_path):
     # b wins 9 games a loses, a wins 1 game b loses, both win 5: p = 2 * (C(10,0) + C(10,1)) / 2^10
     a = {"won_per_game": {**{f"d{i}": [0, 1] for i in range(9)}, "e": [1, 1], **{f"s{i}": [1, 1] for i in range(5)},
                           "only_in_a": [1, 1]}}
@@ -65,6 +66,15 @@ def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcne
         paired(a, {"won_per_game": {"other": [1, 1]}})
     with pytest.raises(ValueError, match="one per game"):
         paired(a, {"won_per_game": {"e": [1, 2]}})
+    # An evaluation still running, read from its shards: paired on the games it finished.
+    for game, won in (("d0", True), ("e", False)):
+        write_episode(tmp_path, [StepRecord(
+            game_id=game, task_type="pick", episode_id=f"{game}#0", step=0, task="t", room="r", admissible_commands=[],
+            prompt="p", prompt_ids=[], context_start=True, context_rule=False, response="r", response_ids=[],
+            action="a", valid=True, observation="o", reward=float(won), done=True, won=won, policy_version=0,
+            worker_id=0)])
+    running = paired(a, load_evaluation(tmp_path))
+    assert running["games"] == 2 and (running["a_only"], running["b_only"]) == (1, 1)
 
 
 def run_driver(*args):
