@@ -168,7 +168,7 @@ class LearnerConfig:
     # (bench/results/sft_memory_mmap_*.json). null: glibc's own dynamic threshold, faster.
     malloc_mmap_threshold_kb: Optional[int] = None
     max_failures: int = 1  # restarts of the worker group, from the last checkpoint, before the job fails
-    fail_at_step: Optional[int] = None  # fault injection (tests): fail once at this step, unless resumed
+    fail_at_step: Optional[int] = None  # fault injection (tests): the job fails at this step, once per output folder
 
 
 @dataclass

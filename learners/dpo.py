@@ -225,7 +225,9 @@ def dpo_recipe(config: dict) -> None:
         dist.barrier()
 
     def batch_for_step(step: int) -> list[ContextPairs]:
-        if not served["started"] and step > 1:  # resumed from a checkpoint: serve its weights first
+        # A restarted job serves its own weights first: a checkpoint's, or, back at the start
+        # after pushes the lost run made, the initial ones again (as the first version).
+        if not served["started"] and (step > 1 or max(policy.versions()) != config["first_version"]):
             push(step - 1)
         served["started"] = True
         batch = sampler.pairs(step)

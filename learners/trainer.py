@@ -119,6 +119,9 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
     `checkpoint_every` steps and at the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
     state = restore(engine)
+    # learner.fail_at_step fails the job once: a marker in out_dir says it already did.
+    injected = out_dir / "injected_failure"
+    fail_at = learner["fail_at_step"] if not injected.exists() else None
     start_step = state["step"] if state else 0
     log = MetricsLog(out_dir, total_steps, start_step, prefix=prefix) if rank == 0 else None
     if rank == 0 and state:
@@ -127,7 +130,9 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
     device = next(engine.module.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=learner["autocast_bf16"])
     for step in range(start_step + 1, total_steps + 1):
-        if learner["fail_at_step"] == step and state is None:
+        if step == fail_at:
+            if rank == 0:
+                injected.write_text(f"step {step}\n")
             raise RuntimeError(f"injected failure at step {step} (learner.fail_at_step)")
         started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         mine = batch_for_step(step)

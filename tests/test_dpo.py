@@ -133,10 +133,13 @@ def test_a_steps_dpo_loss_is_the_mean_over_its_kept_pairs_whatever_the_ties():
     assert sum(weighted) / len(micro_batches) == pytest.approx((0.2 + 0.4 + 0.9 + 0.5) / 4)
 
 
-def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path):
-    """A learner worker fails at step 3 (once, and only if not resumed): the job goes on only by
-    restarting from the step-2 checkpoint, which serves that checkpoint's weights again before
-    sampling; the versions then end where an unbroken run's do, each step logged once."""
+@pytest.mark.parametrize("checkpoint_every", [2, 4], ids=["from_the_step_2_checkpoint", "from_the_start"])
+def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local, tiny_model, tiny_prm, tmp_path,
+                                                                        checkpoint_every):
+    """The learner fails at step 3, after pushing version 11 at step 2. The restarted job first
+    serves its own weights again, the step-2 checkpoint's (as 11) or, with no checkpoint before
+    step 4, the initial ones (as 10), so no pair is sampled by weights ahead of the learner's;
+    the versions then end where an unbroken run's do, each step logged once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -155,7 +158,7 @@ def test_online_dpo_trains_and_pushes_its_weights_to_the_policy_server(ray_local
         "response_ids": [tokenizer.encode("ACTION: look")] * 8}), tmp_path / "qtargets.parquet")
     cfg = small_cfg(**{"learner.num_workers": 2, "dpo.batch_size": 4, "dpo.micro_batch_size": 1, "dpo.lr": 1e-2,
                        "dpo.beta": 0.5, "dpo.warmup_steps": 1, "dpo.epochs": 2, "dpo.push_every": 2,
-                       "dpo.checkpoint_every": 2, "learner.fail_at_step": 3, "learner.max_failures": 1,
+                       "dpo.checkpoint_every": checkpoint_every, "learner.fail_at_step": 3, "learner.max_failures": 1,
                        "dpo.max_new_tokens": 6, "dpo.temperature": 1.0, "dpo.samples_per_state": 3,
                        "policy.model": tiny_model,
                        "policy.dtype": "float32"})  # its outputs are compared with a float32 engine's

@@ -129,13 +129,14 @@ def demo_loss(model_path: str, demos) -> float:
 
 
 def test_sft_resumes_from_its_checkpoint_after_a_failure(ray_local, tiny_model, demos, tmp_path):
-    """The failure is injected only when the run did not resume, so the job can succeed only by
-    restarting from the step-2 checkpoint; and it must then train exactly like a run that never
-    failed (same weights, optimizer state, learning rate and batches: 4 examples, batches of 2)."""
+    """The job fails once at step 3 and restarts from the step-2 checkpoint; it must then train
+    exactly like a run that never failed (same weights, optimizer state, learning rate and
+    batches: 4 examples, batches of 2)."""
     common = {"sft.batch_size": 2, "sft.checkpoint_every": 2, "sft.max_steps": 5}
     train_sft(sft_cfg(**common), demos, tiny_model, tmp_path / "straight")
     failing = sft_cfg(**common, **{"learner.fail_at_step": 3, "learner.max_failures": 1})
     train_sft(failing, demos, tiny_model, tmp_path / "resumed")
+    assert (tmp_path / "resumed/injected_failure").read_text() == "step 3\n"  # it did fail
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
     assert len(losses(tmp_path / "resumed")) == 5
     # A crashed job (no restarts left) continues from its checkpoint when it is run again.
