@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -71,10 +72,11 @@ class CatchUp:
     """A replica's catch-up with its service's `LatestVersion`: once, before its first answer,
     `load(version, source)` runs if a newer version than the replica's own was kept (source is
     None for a version kept without what loads it). Under `lock`, which the replica's own loads
-    also hold. No `latest`: nothing to catch up with."""
+    also hold. No `latest`: nothing to catch up with. A restarted replica says on the console
+    which version it serves (`service` names it)."""
 
-    def __init__(self, latest, lock: asyncio.Lock):
-        self.latest, self.lock, self.done = latest, lock, latest is None
+    def __init__(self, latest, lock: asyncio.Lock, service: str):
+        self.latest, self.lock, self.done, self.service = latest, lock, latest is None, service
 
     async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
         if self.done:
@@ -86,6 +88,9 @@ class CatchUp:
                 latest, source = await self.latest.latest.remote()
                 if latest > version:
                     await load(latest, await source[0] if source else None)
+                if ray.get_runtime_context().was_current_actor_reconstructed:
+                    print(f"{self.service}: replica restarted (pid {os.getpid()}), serving version "
+                          f"{max(latest, version)}", flush=True)
             finally:
                 self.done = True  # a failed load leaves the replica refusing requests, not retrying
 

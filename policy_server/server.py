@@ -72,7 +72,7 @@ class PolicyServer:
         self._broken: str | None = None  # why this replica refuses requests
         self._openai = None
         self._latest = latest
-        self._catch_up = CatchUp(latest, self._update_lock)
+        self._catch_up = CatchUp(latest, self._update_lock, "policy server")
 
     async def _load_latest(self, version: int, weights: dict[str, torch.Tensor] | None) -> None:
         """A restarted replica's catch-up (under the update lock). Weights streamed by vLLM's

@@ -45,7 +45,7 @@ class PRMServer:
         self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
-        self._catch_up = CatchUp(latest, asyncio.Lock())
+        self._catch_up = CatchUp(latest, asyncio.Lock(), "PRM service")
 
     async def _load_latest(self, version: int, model_path: str) -> None:
         await self._batcher.run_exclusive(self._load, model_path, version)
