@@ -46,7 +46,7 @@ SMALL = ["mode=train", "iterations=1", "critic.num_games=4", "critic.rollouts_pe
          "prm.max_steps=2", "prm.batch_size=4", "prm.checkpoint_every=1", "dpo.max_steps=4", "dpo.batch_size=2",
          "dpo.push_every=2", "dpo.checkpoint_every=2", "dpo.monitor_games=0"]
 TARGETS = ("RolloutWorker", "PolicyServer", "PRMServer", "RayTrainWorker")
-RESTARTED = re.compile(r"(policy server|PRM service): replica restarted \(pid (\d+)\), serving version (\d+)")
+RESTARTED = re.compile(r"(policy server|PRM service): replica restarted \(pid (\d+)\), at version (\d+)")
 RESUMED = re.compile(r"(\w+): resuming after step (\d+)")
 
 
@@ -78,7 +78,7 @@ class Chaos(threading.Thread):
 def run_driver(args: list[str], address: str, log: Path, max_runs: int) -> tuple[int, float, str]:
     """The driver until it finishes (a stopped run is run again: it resumes), at most
     `max_runs` times; its console goes to the terminal and to `log`. Returns (runs, wall, output)."""
-    env = {**os.environ, "RAY_ADDRESS": address}
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_DEDUP_LOGS": "0"}  # every restart's line, not one for several
     start, output = time.monotonic(), ""
     for run in range(1, max_runs + 1):
         with subprocess.Popen([sys.executable, "driver.py", *args], cwd=REPO_ROOT, env=env, text=True,
@@ -96,8 +96,10 @@ def run_driver(args: list[str], address: str, log: Path, max_runs: int) -> tuple
 def episode_counts(run_dir: Path, cfg) -> dict:
     """Per playing stage: episodes requested, written, lost, and written twice (an episode id
     in two shards cannot happen, one name per episode; a step twice within one can)."""
-    stages = {"rollouts": (run_dir / "iter_1/critic/rollouts", cfg.critic.num_games * cfg.critic.rollouts_per_game),
-              "evaluation": (run_dir / "iter_1/eval/eval", cfg.eval.num_games * cfg.eval.episodes_per_game)}
+    evaluation = cfg.eval.num_games * cfg.eval.episodes_per_game
+    stages = {"pi0_evaluation": (run_dir / "eval_pi0/eval", evaluation),
+              "rollouts": (run_dir / "iter_1/critic/rollouts", cfg.critic.num_games * cfg.critic.rollouts_per_game),
+              "pi1_evaluation": (run_dir / "iter_1/eval/eval", evaluation)}
     counts = {}
     for name, (folder, requested) in stages.items():
         steps = read_steps(folder).select(["episode_id", "step"]).to_pylist()
@@ -141,7 +143,7 @@ def main() -> None:
             results["runs"][name] = {
                 "wall_s": round(wall, 1), "driver_runs": runs, "kills": chaos.kills if chaos else [],
                 "episodes": episode_counts(run_dir, cfg),
-                "restarted_replicas": [{"service": m[0], "pid": int(m[1]), "serving_version": int(m[2])}
+                "restarted_replicas": [{"service": m[0], "pid": int(m[1]), "version": int(m[2])}
                                        for m in RESTARTED.findall(output)],
                 "learner_resumes": [{"learner": m[0], "after_step": int(m[1])} for m in RESUMED.findall(output)],
                 "summary": json.loads((run_dir / "summary.json").read_text())}
@@ -157,7 +159,7 @@ def main() -> None:
         twice = sum(e["duplicated_steps"] for e in run["episodes"].values())
         print(f"{name}: {len(run['kills'])} kills, {run['driver_runs']} driver runs, {lost} episodes lost, "
               f"{twice} steps written twice, {run['wall_s']:.0f} s; restarted replicas served "
-              f"{[r['serving_version'] for r in run['restarted_replicas']]}; learner resumes "
+              f"{[r['version'] for r in run['restarted_replicas']]}; learner resumes "
               f"{[(r['learner'], r['after_step']) for r in run['learner_resumes']]}")
     if "extra_wall_s" in results:
         print(f"the kills cost {results['extra_wall_s']:.0f} s of wall time")

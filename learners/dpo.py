@@ -224,10 +224,18 @@ def dpo_recipe(config: dict) -> None:
         # its requests while rank 0 was still loading, and they ran on weights 2 pushes old.
         dist.barrier()
 
+    def restarted(step: int) -> bool:
+        """Whether this job follows a lost one: resumed from a checkpoint, or back at the start
+        after the lost one pushed weights (the service keeps another version than the first).
+        Rank 0 asks the service and tells the others: push is collective."""
+        answer = [step > 1 or (rank == 0 and policy.latest_version() != config["first_version"])]
+        dist.broadcast_object_list(answer, src=0)
+        return answer[0]
+
     def batch_for_step(step: int) -> list[ContextPairs]:
-        # A restarted job serves its own weights first: a checkpoint's, or, back at the start
-        # after pushes the lost run made, the initial ones again (as the first version).
-        if not served["started"] and (step > 1 or max(policy.versions()) != config["first_version"]):
+        # A restarted job serves its own weights first (a checkpoint's, or the initial ones as
+        # the first version), so no pair is sampled by weights the learner no longer has.
+        if not served["started"] and restarted(step):
             push(step - 1)
         served["started"] = True
         batch = sampler.pairs(step)

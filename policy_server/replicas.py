@@ -56,10 +56,12 @@ class LatestVersion:
     def __init__(self):
         self.version, self.source = 0, None
 
-    def keep(self, version: int, source: Any) -> int:
+    def keep(self, version: int, source: Any, replace: bool = False) -> int:
         """Keep `source` (an ObjectRef passed directly is fetched and stored anew here) as
-        `version` unless a newer one is kept; returns the version kept."""
-        if version >= self.version:
+        `version` unless a newer one is kept, or in any case with `replace` (a policy learner
+        that resumed from a checkpoint pushes lower versions than the run it replaces);
+        returns the version kept."""
+        if replace or version >= self.version:
             self.version, self.source = version, ray.put(source)
         return self.version
 
@@ -77,22 +79,23 @@ class CatchUp:
 
     def __init__(self, latest, lock: asyncio.Lock, service: str):
         self.latest, self.lock, self.done, self.service = latest, lock, latest is None, service
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed  # (in the actor's __init__)
 
     async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
+        """A failure (the version's source lost, say) fails this call and the next one tries
+        again; a load that failed midway has already made the replica refuse requests."""
         if self.done:
             return
         async with self.lock:
             if self.done:
                 return
-            try:
-                latest, source = await self.latest.latest.remote()
-                if latest > version:
-                    await load(latest, await source[0] if source else None)
-                if ray.get_runtime_context().was_current_actor_reconstructed:
-                    print(f"{self.service}: replica restarted (pid {os.getpid()}), serving version "
-                          f"{max(latest, version)}", flush=True)
-            finally:
-                self.done = True  # a failed load leaves the replica refusing requests, not retrying
+            latest, source = await self.latest.latest.remote()
+            if latest > version:
+                await load(latest, await source[0] if source else None)
+            self.done = True
+        if self.restarted:
+            print(f"{self.service}: replica restarted (pid {os.getpid()}), at version {max(latest, version)}",
+                  flush=True)
 
 
 def start_latest_version():
@@ -135,10 +138,14 @@ class Replicas:
         starting answers once it is up)."""
         return ray.get([getattr(s, method).remote(*args) for s in self.servers], timeout=timeout_s)
 
-    def keep_latest(self, version: int, source: Any, timeout_s: float = 600) -> None:
+    def keep_latest(self, version: int, source: Any, timeout_s: float = 600, replace: bool = False) -> None:
         """Record `version` and what loads it (an ObjectRef or a small value) before the
         replicas load it: a replica restarted from then on comes back serving it."""
-        ray.get(self.latest.keep.remote(version, source), timeout=timeout_s)
+        ray.get(self.latest.keep.remote(version, source, replace), timeout=timeout_s)
+
+    def latest_version(self) -> int:
+        """The version kept last (what every replica serves once its loads are done)."""
+        return ray.get(self.latest.latest.remote())[0]
 
     def shutdown(self) -> None:
         """Let each live replica stop what it runs (engine processes, endpoints), then kill it."""

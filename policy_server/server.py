@@ -221,9 +221,10 @@ class PolicyClient(Replicas):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float = 600) -> None:
         """Every replica loads `state_dict` (put in the object store once) and reports `version`;
-        the weights are kept first, for replicas restarted later."""
+        the weights are kept first, for replicas restarted later, even under a lower version
+        than the kept one (a learner resumed from a checkpoint: its weights are the ones now)."""
         weights = ray.put(state_dict)
-        self.keep_latest(version, weights, timeout_s)
+        self.keep_latest(version, weights, timeout_s, replace=True)
         self.call_all("load_weights", weights, version, timeout_s=timeout_s)
 
     def versions(self) -> list[int]:

@@ -225,12 +225,15 @@ def replica_pid(server) -> int:
 
 def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_model, tmp_path):
     """SIGKILL of a replica with requests in flight: the restarted process loads the latest
-    pushed weights before it answers, and answers each request once, stamped with their version."""
+    pushed weights before it answers, and answers each request once, stamped with their version.
+    The latest is the last pushed, even under a lower version (a learner resumed from a checkpoint)."""
     from tests.conftest import build_tiny_model
 
     policy = start_server(tiny_model)
     (server,) = policy.servers
     params = SamplingParams(max_tokens=8)
+    policy.load_weights(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v3", seed=3)).state_dict(),
+                        version=3)
     policy.load_weights(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v1", seed=2)).state_dict(),
                         version=1)
     expected = [g[0].token_ids for g in ray.get(policy.generate(PROMPTS, params), timeout=60).generations]
