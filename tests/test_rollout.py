@@ -1,5 +1,7 @@
 """Rollout workers on Ray: two workers, real games, a tiny policy behind the policy server."""
+import os
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,61 @@ def test_a_killed_worker_loses_no_episode(ray_local, tiny_model, ood_games, tmp_
     killer.join()
     assert killed.is_set()
     check_episodes(read_steps(episodes_dir), tasks)
+
+
+def play_through_a_lost_node(tokenizer_path: str, episodes_dir: str) -> None:
+    """Run in a process of its own (a Ray of several nodes, apart from the tests' local one):
+    two rollout workers on a node that is removed, with a replacement node added, right after
+    the first episode is written, while the others are in flight. Prints each worker's
+    restarts as JSON."""
+    import json
+
+    import ray
+    from ray._private import state as ray_state
+    from ray.cluster_utils import Cluster
+
+    import rollout_workers.runner as runner
+    from configs.schema import DataConfig
+    from envs import list_games, resolve_data_root
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    doomed = cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
+    ray.init(address=cluster.address)
+    cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 25,
+                       "rollout.resources": "{rollout_node: 1}"})
+    workers = start_rollout_workers(cfg, "random", tokenizer_path, None)
+    games = list_games("eval_out_of_distribution", resolve_data_root(DataConfig().archive))[:8]
+    write = runner.write_episode
+
+    def write_then_lose_the_node(folder, steps):
+        path = write(folder, steps)
+        if cluster.head_node and doomed in cluster.worker_nodes:
+            cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
+            cluster.remove_node(doomed)
+        return path
+
+    runner.write_episode = write_then_lose_the_node
+    run_episodes(workers, 2, [EpisodeTask(g, 0, seed=i) for i, g in enumerate(games)], Path(episodes_dir))
+    restarts = [a["NumRestarts"] for a in ray_state.actors().values() if a["ActorClassName"] == "RolloutWorker"]
+    print(json.dumps({"restarts": restarts}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_a_lost_node_loses_no_episode(tiny_model, ood_games, tmp_path):
+    """The node holding both rollout workers goes (Cluster.remove_node) while episodes are in
+    flight: the workers come back on another node and every episode is written once."""
+    import json
+    import subprocess
+    import sys
+
+    from configs import REPO_ROOT
+
+    code = (f"from tests.test_rollout import play_through_a_lost_node; "
+            f"play_through_a_lost_node({tiny_model!r}, {str(tmp_path / 'episodes')!r})")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    restarts = next(json.loads(line)["restarts"] for line in done.stdout.splitlines() if line.startswith('{"restarts"'))
+    assert restarts == [1, 1]  # both were on the lost node
+    check_episodes(read_steps(tmp_path / "episodes"), [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:8])])
