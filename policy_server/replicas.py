@@ -79,7 +79,8 @@ class CatchUp:
 
     def __init__(self, latest, lock: asyncio.Lock, service: str):
         self.latest, self.lock, self.done, self.service = latest, lock, latest is None, service
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed  # (in the actor's __init__)
+        # (called from the replica's __init__: a Ray actor, where the runtime context knows it)
+        self.restarted = latest is not None and ray.get_runtime_context().was_current_actor_reconstructed
 
     async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
         """A failure (the version's source lost, say) fails this call and the next one tries
