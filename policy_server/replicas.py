@@ -83,8 +83,9 @@ class CatchUp:
         self.restarted = latest is not None and ray.get_runtime_context().was_current_actor_reconstructed
 
     async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
-        """A failure (the version's source lost, say) fails this call and the next one tries
-        again; a load that failed midway has already made the replica refuse requests."""
+        """Failing to fetch the version (its source lost, say) fails this call, and the next one
+        tries again; a load that fails is not tried again (the policy server then refuses
+        requests: it may hold half the weights)."""
         if self.done:
             return
         async with self.lock:
@@ -92,7 +93,9 @@ class CatchUp:
                 return
             latest, source = await self.latest.latest.remote()
             if latest > version:
-                await load(latest, await source[0] if source else None)
+                fetched = await source[0] if source else None
+                self.done = True
+                await load(latest, fetched)
             self.done = True
         if self.restarted:
             print(f"{self.service}: replica restarted (pid {os.getpid()}), at version {max(latest, version)}",
