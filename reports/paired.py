@@ -1,6 +1,6 @@
 """Two evaluations of the same games compared game by game, with an exact McNemar test.
 
-    python -m reports.paired A/eval.json B/eval.json [--out paired.json]
+    python -m reports.paired A/eval.json B/eval.json [--names pi0 pi1] [--out paired.json] [--plot paired.png]
 
 Either may also be a folder of episode shards, such as an evaluation still running: it is
 compared on the games it has finished.
@@ -70,12 +70,21 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", type=Path, help="the first evaluation's report (eval.json) or folder of shards")
     parser.add_argument("b", type=Path, help="the second evaluation's, of the same games")
+    parser.add_argument("--names", nargs=2, metavar=("A", "B"), help="what to call them (default: the paths)")
     parser.add_argument("--out", type=Path, help="also write the comparison here as JSON")
+    parser.add_argument("--plot", type=Path, help="and draw it here as a PNG (both success rates, the p-value)")
     args = parser.parse_args()
     try:
-        result = paired(load_evaluation(args.a), load_evaluation(args.b), (str(args.a), str(args.b)))
+        names = tuple(args.names or (str(args.a), str(args.b)))
+        result = paired(load_evaluation(args.a), load_evaluation(args.b), names)
     except (OSError, ValueError) as error:  # a missing file, or reports that cannot be paired
         sys.exit(f"paired: {error}")
     print(format_paired(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        from reports.plots import plot_success
+
+        a, b = result["a"], result["b"]
+        plot_success({a: result["a_success"], b: result["b_success"]}, {b: result}, args.plot,
+                     f"{result['games']} games played by both")

@@ -75,6 +75,13 @@ def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcne
             worker_id=0)])
     running = paired(a, load_evaluation(tmp_path))
     assert running["games"] == 2 and (running["a_only"], running["b_only"]) == (1, 1)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    cli = subprocess.run([sys.executable, "-m", "reports.paired", str(tmp_path / "a.json"), str(tmp_path),
+                          "--names", "pi0", "pi1", "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and "2 games: pi0 50.0%, pi1 50.0%" in cli.stdout, cli.stderr
+    assert json.loads((tmp_path / "p.json").read_text()) == {**running, "a": "pi0", "b": "pi1"}
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def run_driver(*args):
