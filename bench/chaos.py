@@ -35,7 +35,7 @@ import ray  # noqa: E402
 from ray._private import state as ray_state  # noqa: E402  (the actor table, without the dashboard)
 
 from bench import machine  # noqa: E402
-from configs import REPO_ROOT, load_config  # noqa: E402
+from configs import REPO_ROOT, ConfigError, load_config  # noqa: E402
 from rollout_workers import read_steps  # noqa: E402
 
 # One iteration small enough for a 2-core machine: 4 games x 2 rollouts, a PRM of 2 steps,
@@ -43,7 +43,8 @@ from rollout_workers import read_steps  # noqa: E402
 SMALL = ["mode=train", "iterations=1", "critic.num_games=4", "critic.rollouts_per_game=2",
          "critic.val_fraction=0.5", "env.max_steps=15", "eval.num_games=8", "eval.best_of_n=[]",
          "rollout.num_workers=2", "rollout.envs_per_worker=2", "learner.num_workers=2", "learner.max_failures=3",
-         "prm.max_steps=2", "prm.batch_size=4", "prm.checkpoint_every=1", "dpo.max_steps=4", "dpo.batch_size=2",
+         "prm.max_steps=2", "prm.batch_size=4", "prm.micro_batch_size=1", "prm.checkpoint_every=1",
+         "dpo.max_steps=4", "dpo.batch_size=2", "dpo.micro_batch_size=1",
          "dpo.push_every=2", "dpo.checkpoint_every=2", "dpo.monitor_games=0"]
 TARGETS = ("RolloutWorker", "PolicyServer", "PRMServer", "RayTrainWorker")
 RESTARTED = re.compile(r"(policy server|PRM service): replica restarted \(pid (\d+)\), at version (\d+)")
@@ -121,7 +122,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/chaos.json")
     args = parser.parse_args()
     driver_args = [*SMALL, f"init_policy={args.init_policy}", *args.overrides]
-    cfg = load_config(driver_args)  # a bad override stops here, in one line, before anything starts
+    try:
+        cfg = load_config(driver_args)  # a bad override stops here, in one line, before anything starts
+    except ConfigError as error:
+        sys.exit(f"chaos: {error}")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     ray.init(address="local", num_cpus=8, include_dashboard=False)  # 8 logical CPUs: every stage fits
     address = ray.get_runtime_context().gcs_address
