@@ -38,8 +38,9 @@ from bench import machine  # noqa: E402
 from configs import REPO_ROOT, ConfigError, load_config  # noqa: E402
 from rollout_workers import read_steps  # noqa: E402
 
-# One iteration small enough for a 2-core machine: 4 games x 2 rollouts, a PRM of 2 steps,
-# DPO of 4 steps on 2 learner workers (a push and a checkpoint every 2), 8 evaluation games.
+# One iteration small enough for a 2-core machine: 4 games x 2 rollouts, a PRM of at most 2
+# steps and DPO of at most 4 on 2 learner workers (a push and a checkpoint every 2; fewer steps
+# when the rollouts hold fewer episodes or states), 8 evaluation games.
 SMALL = ["mode=train", "iterations=1", "critic.num_games=4", "critic.rollouts_per_game=2",
          "critic.val_fraction=0.5", "env.max_steps=15", "eval.num_games=8", "eval.best_of_n=[]",
          "rollout.num_workers=2", "rollout.envs_per_worker=2", "learner.num_workers=2", "learner.max_failures=3",

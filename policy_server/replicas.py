@@ -92,11 +92,10 @@ class CatchUp:
             if self.done:
                 return
             latest, source = await self.latest.latest.remote()
+            fetched = await source[0] if latest > version and source else None
+            self.done = True  # from here a failure is the load's: not tried again
             if latest > version:
-                fetched = await source[0] if source else None
-                self.done = True
                 await load(latest, fetched)
-            self.done = True
         if self.restarted:
             print(f"{self.service}: replica restarted (pid {os.getpid()}), at version {max(latest, version)}",
                   flush=True)

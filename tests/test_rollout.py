@@ -121,7 +121,7 @@ def play_through_a_lost_node(tokenizer_path: str, episodes_dir: str) -> None:
 
     def write_then_lose_the_node(folder, steps):
         path = write(folder, steps)
-        if cluster.head_node and doomed in cluster.worker_nodes:
+        if doomed in cluster.worker_nodes:  # the first episode written
             cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
             cluster.remove_node(doomed)
         return path
