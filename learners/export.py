@@ -1,10 +1,10 @@
 """A training checkpoint of a policy learner as a Hugging Face folder, to evaluate or serve it.
 
-    python -m learners.export RUN_DIR/sft/ray_train/sft/checkpoint_<time> BASE_MODEL OUT_DIR
+    python -m learners.export RUN_DIR/sft/ray_train/sft/checkpoint_step_<step> BASE_MODEL OUT_DIR
 
 The learners write DeepSpeed checkpoints (`trainer.save_checkpoint`) every
-`checkpoint_every` steps; the finished stage exports its policy itself. This exports one
-written midway (say, to evaluate a run that has not finished): DeepSpeed's own
+`checkpoint_every` steps (`RUN_DIR/sft/last_checkpoint.json` names the newest); the finished
+stage exports its policy itself. This exports one written midway (say, to evaluate a run that has not finished): DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` gathers the ZeRO shards, and the weights go into
 `BASE_MODEL`'s architecture with its tokenizer. DeepSpeed checkpoints are torch pickles:
 export only checkpoints your own runs wrote.

@@ -37,6 +37,7 @@ from learners.data import epoch_order
 from learners.engines import TrainEngine, make_train_engine, use_environment_extensions_dir
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+LAST_CHECKPOINT = "last_checkpoint.json"  # in a learner's out_dir: its newest complete checkpoint
 
 # A micro-batch's loss and the numbers to log about it. "tokens" is summed into tokens/s;
 # the other numbers are averaged over the step's micro-batches on all workers.
@@ -118,7 +119,7 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
     per step (rank 0), `after_step(step)` on every rank, a checkpoint every
     `checkpoint_every` steps and at the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    state = restore(engine)
+    state = restore(engine, out_dir)
     # learner.fail_at_step fails the job once: a marker in out_dir says it already did.
     injected = out_dir / "injected_failure"
     fail_at = learner["fail_at_step"] if not injected.exists() else None
@@ -158,7 +159,7 @@ def train_steps(engine: TrainEngine, optimizer: torch.optim.Optimizer, batch_for
         if after_step:
             after_step(step)
         if step % train["checkpoint_every"] == 0 or step == total_steps:
-            save_checkpoint(engine, {"step": step}, metrics)
+            save_checkpoint(engine, {"step": step}, metrics, out_dir)
     if log:
         log.close()
 
@@ -197,23 +198,39 @@ def export_hf(model, state_dict: dict, tokenizer, folder: Path) -> None:
     os.replace(partial, folder)
 
 
-def save_checkpoint(engine: TrainEngine, state: dict, metrics: dict) -> None:
-    """All ranks: the engine's state plus the recipe's `state` (rank 0) become one checkpoint."""
+def save_checkpoint(engine: TrainEngine, state: dict, metrics: dict, out_dir: Path) -> None:
+    """All ranks: the engine's state plus the recipe's `state` (rank 0) become one checkpoint,
+    named by its step. Once every rank's part is in storage, rank 0 records it in `out_dir`
+    (`LAST_CHECKPOINT`) before any rank goes on: Ray Train counts a checkpoint only when its
+    controller has polled every rank's report, so a crash right after `report` could lose it."""
+    name = f"checkpoint_step_{state['step']:06d}"
     with tempfile.TemporaryDirectory() as folder:
         engine.save(Path(folder))
         if dist.get_rank() == 0:
             (Path(folder) / "trainer_state.json").write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+    dist.barrier()  # every rank's part is uploaded
+    if dist.get_rank() == 0:
+        path = Path(ray.train.get_context().get_storage().experiment_fs_path) / name
+        record = out_dir / LAST_CHECKPOINT
+        record.with_suffix(".tmp").write_text(json.dumps({"step": state["step"], "path": str(path)}))
+        record.with_suffix(".tmp").replace(record)
+    dist.barrier()
 
 
-def restore(engine: TrainEngine) -> Optional[dict]:
-    """All ranks: load the last checkpoint of this run, if any; returns the recipe's state."""
+def restore(engine: TrainEngine, out_dir: Path) -> Optional[dict]:
+    """All ranks: load the newest checkpoint of this run, if any (Ray Train's latest or the one
+    recorded in `out_dir`, whichever has the later step); returns the recipe's state."""
+    folders = [Path(json.loads((out_dir / LAST_CHECKPOINT).read_text())["path"])] if (
+        out_dir / LAST_CHECKPOINT).exists() else []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None:
+        folders.append(Path(checkpoint.path))  # run storage is a local (or shared) folder
+    if not folders:
         return None
-    with checkpoint.as_directory() as folder:
-        engine.load(Path(folder))
-        return json.loads((Path(folder) / "trainer_state.json").read_text())
+    folder = max(folders, key=lambda f: json.loads((f / "trainer_state.json").read_text())["step"])
+    engine.load(folder)
+    return json.loads((folder / "trainer_state.json").read_text())
 
 
 def _step(line: str) -> float:

@@ -1,6 +1,7 @@
 """SFT on Ray Train: loss masks, two DeepSpeed (ZeRO-2) workers on a tiny model, resume after a
 failure, the exported policy in the policy server, the plain-DDP baseline and bf16 autocast."""
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 from learners import IGNORE, TokenizedExample, pack, train_sft
 from learners.data import response_nll
 from learners.export import export_checkpoint
+from learners.trainer import LAST_CHECKPOINT
 from policy_server import SamplingParams, start_policy_servers
 from tests.conftest import small_cfg
 
@@ -99,8 +101,10 @@ def test_sft_with_deepspeed_zero2_lowers_the_loss_and_exports_a_servable_policy(
     assert len(trace) == 6 and trace[-1] < 0.5 * trace[0]
     assert list((tmp_path / "sft" / "tensorboard").glob("events.out.tfevents.*"))
     assert (policy_dir / "model.safetensors").is_file() and (policy_dir / "tokenizer.json").is_file()
-    # The last checkpoint (step 6, ZeRO shards) exported by hand holds the same weights.
-    checkpoint = max(p for p in (tmp_path / "sft" / "ray_train" / "sft").glob("checkpoint_*") if p.is_dir())
+    # The last checkpoint (step 6, ZeRO shards, as recorded in the learner's folder) exported
+    # by hand holds the same weights.
+    checkpoint = Path(json.loads((tmp_path / "sft" / LAST_CHECKPOINT).read_text())["path"])
+    assert checkpoint.parent == (tmp_path / "sft" / "ray_train" / "sft").resolve()
     assert export_checkpoint(checkpoint, tiny_model, tmp_path / "exported")["step"] == 6
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     finished = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict()
