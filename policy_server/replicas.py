@@ -84,8 +84,8 @@ class CatchUp:
 
     async def __call__(self, version: int, load: Callable[[int, Any], Awaitable[None]]) -> None:
         """Failing to fetch the version (its source lost, say) fails this call, and the next one
-        tries again; a load that fails is not tried again (the policy server then refuses
-        requests: it may hold half the weights)."""
+        tries again; a load that fails is not tried again: it raises `ReplicaUnusable`, and the
+        replica refuses requests from then on (it may hold half the weights)."""
         if self.done:
             return
         async with self.lock:
@@ -95,7 +95,13 @@ class CatchUp:
             fetched = await source[0] if latest > version and source else None
             self.done = True  # from here a failure is the load's: not tried again
             if latest > version:
-                await load(latest, fetched)
+                try:
+                    await load(latest, fetched)
+                except ReplicaUnusable:
+                    raise
+                except Exception as e:
+                    raise ReplicaUnusable(f"{self.service} replica unusable: restarted, it could not load "
+                                          f"version {latest}: {e!r}") from e
         if self.restarted:
             print(f"{self.service}: replica restarted (pid {os.getpid()}), at version {max(latest, version)}",
                   flush=True)

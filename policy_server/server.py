@@ -55,9 +55,12 @@ def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> In
 class PolicyServer:
     """One replica. Use through `start_policy_servers`, which returns a `PolicyClient`.
     `latest`: the service's `LatestVersion`, whose weights (if any were pushed) the replica
-    loads before its first answer, so a restarted replica serves what the others serve."""
+    loads before its first answer, so a restarted replica serves what the others serve.
+    `openai_port`: start the OpenAI-compatible endpoint there (0: any free port; None: not
+    until `serve_openai`); started by the constructor, a restarted replica's comes back too."""
 
-    def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0, latest=None):
+    def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0, latest=None,
+                 openai_port: Optional[int] = None):
         torch.set_num_threads(max(1, policy_cfg["torch_threads"] or int(policy_cfg["num_cpus"])))
         self.model_path = model_path
         self.served_model_name = policy_cfg["model"]
@@ -70,9 +73,11 @@ class PolicyServer:
         self._in_flight = 0
         self._update_lock = asyncio.Lock()
         self._broken: str | None = None  # why this replica refuses requests
-        self._openai = None
         self._latest = latest
         self._catch_up = CatchUp(latest, self._update_lock, "policy server")
+        self._openai: Optional[asyncio.Task] = None  # starts the endpoint; its result is the Endpoint
+        if openai_port is not None:  # (an async actor's constructor runs on its event loop)
+            self._openai = asyncio.get_running_loop().create_task(self._start_openai(openai_port))
 
     async def _load_latest(self, version: int, weights: dict[str, torch.Tensor] | None) -> None:
         """A restarted replica's catch-up (under the update lock). Weights streamed by vLLM's
@@ -80,7 +85,7 @@ class PolicyServer:
         than serve its initial weights."""
         if weights is None:
             self._broken = f"restarted after weight version {version}, which was streamed and not kept"
-            return
+            raise ReplicaUnusable(f"policy server replica unusable: {self._broken}")
         await self._hold_requests()
         try:
             await self._load(weights, version)
@@ -179,17 +184,23 @@ class PolicyServer:
         return self.engine
 
     async def serve_openai(self, port: int = 0) -> str:
-        """Start the OpenAI-compatible endpoint on loopback (idempotent); returns its base URL."""
+        """The base URL of the OpenAI-compatible endpoint on loopback, started on `port` unless
+        it already runs."""
         if self._openai is None:
-            from policy_server import openai_api
+            self._openai = asyncio.create_task(self._start_openai(port))
+        return (await self._openai).url
 
-            if self.engine.name == "vllm":  # vLLM's own server, on this replica's engine
-                self._openai = await openai_api.serve_vllm(self.engine.llm, self.model_path,
-                                                           self.served_model_name, port)
-            else:
-                self._openai = await openai_api.serve_policy(self.generate, self.engine.tokenizer,
-                                                             self.served_model_name, port)
-        return self._openai.url
+    async def _start_openai(self, port: int):
+        from policy_server import openai_api
+
+        await self._catch_up(self.version, self._load_latest)  # vLLM's server skips `generate`'s
+        if self.engine.name == "vllm":  # vLLM's own server, on this replica's engine
+            endpoint = await openai_api.serve_vllm(self.engine.llm, self.model_path, self.served_model_name, port)
+        else:
+            endpoint = await openai_api.serve_policy(self.generate, self.engine.tokenizer, self.served_model_name,
+                                                     port)
+        print(f"policy server: OpenAI-compatible endpoint at {endpoint.url}", flush=True)
+        return endpoint
 
     async def get_version(self) -> int:
         await self._catch_up(self.version, self._load_latest)
@@ -201,7 +212,12 @@ class PolicyServer:
     async def shutdown(self) -> None:
         """Stop the endpoint and the engine's own processes (vLLM) before the actor goes."""
         if self._openai is not None:
-            await self._openai.stop()
+            try:
+                endpoint = await self._openai
+            except Exception:  # it never started (its error went to `serve_openai`): nothing to stop
+                endpoint = None
+            if endpoint is not None:
+                await endpoint.stop()
         self.engine.shutdown()
 
 
@@ -235,11 +251,16 @@ class PolicyClient(Replicas):
 
     def serve_openai(self, port: int = 0) -> list[str]:
         """Each replica's endpoint URL (replica i on `port + i`; 0 = any free port)."""
-        return ray.get([s.serve_openai.remote(port + i if port else 0) for i, s in enumerate(self.servers)],
+        return ray.get([s.serve_openai.remote(replica_port(port, i)) for i, s in enumerate(self.servers)],
                        timeout=300)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         self.call_all("__ray_ready__", timeout_s=timeout_s)
+
+
+def replica_port(port: int, replica: int) -> int:
+    """The OpenAI endpoint port of replica `replica`: `port` + its index (0 stays 0: any free port)."""
+    return port + replica if port else 0
 
 
 def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyClient:
@@ -254,9 +275,9 @@ def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyC
         max_concurrency=100_000, **replica_options(cfg["max_restarts"]),
     )
     latest = start_latest_version()
-    client = PolicyClient([actor.remote(model_path, cfg, seed + i, latest) for i in range(cfg["replicas"])], latest)
-    if cfg["openai_port"] is not None:
-        client.wait_ready()
-        for url in client.serve_openai(cfg["openai_port"]):
-            print(f"policy server: OpenAI-compatible endpoint at {url}", flush=True)
+    port = cfg["openai_port"]
+    ports = [None if port is None else replica_port(port, i) for i in range(cfg["replicas"])]
+    client = PolicyClient([actor.remote(model_path, cfg, seed + i, latest, p) for i, p in enumerate(ports)], latest)
+    if port is not None:
+        client.serve_openai(port)  # returns once every endpoint is up
     return client

@@ -6,7 +6,8 @@ one prompt at a time; each replica merges concurrent requests into one batch (up
 distinct prompt once. A newer PRM checkpoint replaces the weights in place, between
 batches, and every score carries the PRM version that produced it. A replica that Ray
 restarted after its process died loads the latest checkpoint before it scores anything
-(policy_server/replicas.py).
+(policy_server/replicas.py); one whose load failed refuses requests rather than score with
+older (or half-loaded) weights.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import ray
 import torch
 
 from policy_server.batching import DynamicBatcher
-from policy_server.replicas import CatchUp, Replicas, replica_options, start_latest_version
+from policy_server.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
 from prm_service.scorer import PRMScorer, ScoreRequest
 
 
@@ -45,6 +46,7 @@ class PRMServer:
         self._batcher = DynamicBatcher(self._run_batch, prm_cfg["max_batch_size"], prm_cfg["max_wait_ms"] / 1000,
                                        size=lambda request: len(request.responses))
         self._stats = {"requests": 0, "pairs": 0}
+        self._broken: str | None = None  # why this replica refuses requests
         self._catch_up = CatchUp(latest, asyncio.Lock(), "PRM service")
 
     async def _load_latest(self, version: int, model_path: str) -> None:
@@ -52,6 +54,8 @@ class PRMServer:
 
     async def score(self, prompt_ids: list[int], responses: list[list[int]]) -> ScoreResult:
         await self._catch_up(self.version, self._load_latest)
+        if self._broken:
+            raise ReplicaUnusable(f"PRM service replica unusable: {self._broken}")
         self._stats["requests"] += 1
         return await self._batcher.submit(ScoreRequest(list(prompt_ids), [list(r) for r in responses]))
 
@@ -65,7 +69,11 @@ class PRMServer:
         """On the model's thread, between batches: a batch sees the old weights and version or
         the new ones, and of two loads in flight the newer version wins."""
         if version > self.version:
-            self.scorer.load(model_path)
+            try:
+                self.scorer.load(model_path)
+            except BaseException as e:
+                self._broken = f"loading PRM version {version} from {model_path} failed: {e!r}"
+                raise
             self.version = version
         return self.version
 

@@ -226,10 +226,14 @@ def replica_pid(server) -> int:
 def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_model, tmp_path):
     """SIGKILL of a replica with requests in flight: the restarted process loads the latest
     pushed weights before it answers, and answers each request once, stamped with their version.
-    The latest is the last pushed, even under a lower version (a learner resumed from a checkpoint)."""
+    The latest is the last pushed, even under a lower version (a learner resumed from a checkpoint).
+    Its OpenAI endpoint comes back with it; after weights it was streamed (not kept) it refuses."""
+    import openai
+
+    from policy_server.replicas import unrecoverable
     from tests.conftest import build_tiny_model
 
-    policy = start_server(tiny_model)
+    policy = start_server(tiny_model, **{"policy.openai_port": 0})
     (server,) = policy.servers
     params = SamplingParams(max_tokens=8)
     policy.load_weights(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "v3", seed=3)).state_dict(),
@@ -247,6 +251,17 @@ def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_
     assert [r.policy_version for r in results] == [1] * 12
     assert [r.generations[0][0].token_ids for r in results] == expected * 4
     assert policy.versions() == [1] and policy.stats()[0]["requests"] == 12  # each once, by the new process
+    assert ray.get(server.__ray_call__.remote(lambda replica: replica._openai is not None), timeout=60)
+    (url,) = policy.serve_openai()  # the URL of the endpoint the restarted constructor started
+    completion = openai.OpenAI(base_url=url, api_key="unused").completions.create(
+        model="smollm2-135m-instruct", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert completion.choices[0].text == results[0].generations[0][0].text
+    policy.keep_latest(2, None)  # as vLLM's weight-sync protocol records a streamed version
+    os.kill(replica_pid(server), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayTaskError) as refused:
+        ray.get(policy.generate(PROMPTS[:1], params), timeout=300)
+    assert unrecoverable(refused.value) == ("policy server replica unusable: restarted after weight version 2, "
+                                            "which was streamed and not kept")
     policy.shutdown()
 
 

@@ -3,6 +3,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from learners.prm import (EpisodeSequence, StatePair, absolute_loss, pair_scores
                           weighted_auc)
 from learners.qtargets import distinct_state_actions, preference_pairs, q_targets, split_games, state_ids
 from policy_server import Generation
+from policy_server.replicas import unrecoverable
 from prm_service import PRMScorer, ScoreRequest, last_token_scores, load_prm, start_prm_servers
 from prm_service.scorer import turn_scores
 from rollout_workers import SCHEMA, StepRecord
@@ -314,6 +316,16 @@ def test_service_batches_concurrent_requests_and_reloads_by_version(ray_local, t
         restarted = ray.get(prm.score(reqs[1].prompt_ids, reqs[1].responses), timeout=300)
         assert ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=60) != pid
         assert restarted.prm_version == 2 and restarted.scores == pytest.approx(after.scores, abs=1e-4)
+        # Restarted after a checkpoint it cannot load (its folder gone), a replica refuses to score
+        # with what it has, and says why in one line.
+        shutil.copytree(tmp_path / "v2", tmp_path / "v3")
+        assert prm.load(str(tmp_path / "v3"), version=3) == [3]
+        shutil.rmtree(tmp_path / "v3")
+        os.kill(ray.get(server.__ray_call__.remote(lambda replica: os.getpid()), timeout=60), signal.SIGKILL)
+        for cause in ("restarted, it could not load version 3", "loading PRM version 3 from"):
+            with pytest.raises(ray.exceptions.RayTaskError) as refused:
+                ray.get(prm.score(reqs[1].prompt_ids, reqs[1].responses), timeout=300)
+            assert unrecoverable(refused.value).startswith(f"PRM service replica unusable: {cause}")
     finally:
         prm.shutdown()
 
