@@ -85,7 +85,7 @@ class PolicyConfig:
     trust_remote_code: bool = False
     replicas: int = 1
     num_cpus: float = 1.0  # Ray CPUs per replica
-    torch_threads: Optional[int] = None  # CPU threads of the engine; null = num_cpus (at least 1)
+    torch_threads: Optional[int] = None  # CPU threads of the engine (vLLM too); null = num_cpus (at least 1)
     # Times Ray restarts a replica whose process died; the restarted one loads the latest
     # pushed weights, and the requests that were in flight on it are sent to it again.
     max_restarts: int = 3

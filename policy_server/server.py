@@ -27,6 +27,11 @@ class GenerateResult:
     policy_version: int  # the weights that produced them
 
 
+def engine_threads(policy_cfg: dict) -> int:
+    """CPU threads of a replica's engine: `policy.torch_threads`, else its Ray CPUs (at least 1)."""
+    return max(1, policy_cfg["torch_threads"] or int(policy_cfg["num_cpus"]))
+
+
 def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> InferenceEngine:
     """The configured engine (`policy.engine`); vLLM is imported only when asked for."""
     from policy_server.hf_engine import pick_device, pick_dtype
@@ -41,7 +46,8 @@ def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> In
         from policy_server.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=dtype, trust_remote_code=policy_cfg["trust_remote_code"],
-                          seed=seed, served_model_name=policy_cfg["model"], **policy_cfg["vllm"])
+                          seed=seed, served_model_name=policy_cfg["model"], cpu_threads=engine_threads(policy_cfg),
+                          **policy_cfg["vllm"])
     if engine == "hf":
         from policy_server.hf_engine import BatchingHFEngine, HFEngine
 
@@ -61,7 +67,7 @@ class PolicyServer:
 
     def __init__(self, model_path: str, policy_cfg: dict, seed: int = 0, latest=None,
                  openai_port: Optional[int] = None):
-        torch.set_num_threads(max(1, policy_cfg["torch_threads"] or int(policy_cfg["num_cpus"])))
+        torch.set_num_threads(engine_threads(policy_cfg))
         self.model_path = model_path
         self.served_model_name = policy_cfg["model"]
         self.engine = make_engine(model_path, policy_cfg["engine"], policy_cfg, seed)

