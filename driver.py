@@ -21,15 +21,9 @@ import copy
 import json
 import math
 import os
-import random
 import sys
-import threading
-import time
-import zlib
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 # Before `import ray`: keep a local head on loopback, no usage reporting, no hub downloads.
 _ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -54,14 +48,11 @@ from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
 from reports.paired import paired  # noqa: E402
-from rollout_workers import (EpisodeTask, RewardHackingMonitor, format_report, missing_episodes,  # noqa: E402
-                             read_steps, run_episodes, start_rollout_workers, summarize)
+from rollout_workers import (EpisodeTask, RewardHackingMonitor, demonstrated_commands, episode_tasks,  # noqa: E402
+                             format_report, missing_episodes, read_steps, run_episodes, start_rollout_workers,
+                             summarize)
 from rollout_workers.demonstrations import as_seen_by, demonstration_store  # noqa: E402
-
-
-def episode_seed(seed: int, game_id: str, episode_index: int) -> int:
-    """A per-episode seed that does not depend on which worker plays it or in what order."""
-    return zlib.crc32(f"{seed}:{game_id}:{episode_index}".encode())
+from stages import stage, stage_clock, stage_walls  # noqa: E402
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -108,29 +99,6 @@ def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     return cfg
 
 
-def reset_steps(cfg: DictConfig, game_id: str, episode_index: int, demonstrations: dict[str, list[str]]) -> int:
-    """The reset distribution: for a `critic.reset_fraction` share of the episodes of games
-    whose demonstration has L >= 2 steps, its first 1..L-1 commands (uniform; fewer than the
-    step limit) are played before the policy takes over; 0 otherwise."""
-    end = min(len(demonstrations.get(game_id, ())), cfg.env.max_steps)  # the policy acts at least once
-    rng = random.Random(episode_seed(cfg.seed + 1, game_id, episode_index))
-    if end < 2 or rng.random() >= cfg.critic.reset_fraction:
-        return 0
-    return rng.randrange(1, end)
-
-
-def demonstrated_commands(demos: Path) -> dict[str, list[str]]:
-    """Each game's demonstration (its first, if several) as its list of commands, in order."""
-    table = pq.read_table(demos, columns=["game_id", "episode_id", "step", "action"])
-    episodes: dict[str, list[str]] = {}
-    for row in table.sort_by([("episode_id", "ascending"), ("step", "ascending")]).to_pylist():
-        episodes.setdefault(row["episode_id"], []).append(row["action"])
-    out: dict[str, list[str]] = {}
-    for episode_id in sorted(episodes):
-        out.setdefault(episode_id.rsplit("#", 1)[0], episodes[episode_id])
-    return out
-
-
 def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
          episodes_per_game: int, model: str | None = None,
          demonstrations: dict[str, list[str]] | None = None) -> tuple[pa.Table, dict]:
@@ -145,10 +113,8 @@ def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None,
     """
     model = model or cfg.policy.model
     games = pick_games(list_games(split, resolve_data_root(cfg.data.archive)), num_games)
-    demonstrations = demonstrations or {}
-    tasks = [EpisodeTask(g, e, episode_seed(cfg.seed, g.game_id, e),
-                         tuple(demonstrations.get(g.game_id, [])[:reset_steps(cfg, g.game_id, e, demonstrations)]))
-             for g in games for e in range(episodes_per_game)]
+    tasks = episode_tasks(games, episodes_per_game, cfg.seed, cfg.critic.reset_fraction, cfg.env.max_steps,
+                          demonstrations)
     model_path = resolve_model(model)
     episodes_dir.mkdir(parents=True, exist_ok=True)
     # The time spent playing, summed over every run that worked on these episodes; the leading
@@ -231,74 +197,6 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"π0: {policy} ({wall:.0f} s of training)", flush=True)
     return {split: evaluate(cfg, run_dir, split, model=str(policy), name=f"eval_sft_{split}")
             for split in cfg.sft.eval_splits}
-
-
-def stage(folder: Path, name: str, run: Callable[[], dict]) -> dict:
-    """Run a stage unless its manifest says it finished. The manifest (folder/manifest.json)
-    is written last, with the stage's result and wall time: a stage stopped midway has none,
-    and runs again (continuing from its own episode shards or checkpoints). The wall time
-    sums every run that worked on the stage (`stage_clock`)."""
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        return json.loads(manifest.read_text())["result"]
-    folder.mkdir(parents=True, exist_ok=True)
-    with stage_clock(folder / "stage_time.json") as elapsed:
-        result = run()
-    write_json(manifest, {"stage": name, "wall_time_s": round(elapsed(), 1),
-                          "finished": datetime.now().isoformat(timespec="seconds"), "result": result})
-    return result
-
-
-def stage_walls(run_dir: Path) -> dict[str, float]:
-    """Seconds each finished stage of a run took (summed over resumes), in the order they
-    finished: the manifests', and the reports' of the demonstrations and π0's evaluations."""
-    records = list(run_dir.rglob("manifest.json")) + [
-        p for p in (run_dir / "demos.json", *run_dir.glob("eval_sft_*.json")) if p.exists()]
-    walls = {}
-    for path in sorted(records, key=lambda p: p.stat().st_mtime_ns):
-        record = json.loads(path.read_text())
-        name = str(path.parent.relative_to(run_dir)) if path.name == "manifest.json" else path.stem
-        walls[name] = record["wall_time_s"]
-    return walls
-
-
-def write_json(path: Path, record: dict) -> None:
-    """Written whole, then renamed: a kill midway leaves the old file (or none), never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-
-
-@contextmanager
-def stage_clock(path: Path, every_s: float = 30.0) -> Iterator[Callable[[], float]]:
-    """Time resumable work (a stage, a set of episodes) across runs: the seconds so far live in
-    `path`, rewritten every `every_s` (a run killed midway loses at most that) and at the end.
-    Yields the total, which stops growing when the block ends (what follows, such as shutting
-    servers down, is not the work's time)."""
-    before = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
-    start = time.monotonic()
-    end: float | None = None
-
-    def elapsed() -> float:
-        return before + (time.monotonic() if end is None else end) - start
-
-    def save() -> None:
-        write_json(path, {"seconds": round(elapsed(), 1)})
-
-    def tick() -> None:
-        while not done.wait(every_s):
-            save()
-
-    done = threading.Event()
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        yield elapsed
-    finally:
-        done.set()
-        ticker.join()
-        end = time.monotonic()
-        save()
 
 
 def demos_path(cfg: DictConfig, run_dir: Path) -> Path:
@@ -393,7 +291,7 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
             held_out = states_of(pq.read_table(states), "val")[:cfg.dpo.monitor_states]
             monitor = RewardHackingMonitor(
                 policy, prm, workers, cfg.rollout.envs_per_worker, held_out,
-                [EpisodeTask(g, 0, episode_seed(cfg.seed, g.game_id, 0)) for g in games],
+                episode_tasks(games, 1, cfg.seed),
                 SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
                                max_tokens=cfg.policy.max_new_tokens), out, every=cfg.dpo.monitor_every)
             monitor.start()

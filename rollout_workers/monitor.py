@@ -25,7 +25,7 @@ from prm_service import PRMClient
 from rollout_workers.evaluation import summarize
 from rollout_workers.records import read_steps
 from rollout_workers.runner import run_episodes
-from rollout_workers.worker import EpisodeTask
+from rollout_workers.tasks import EpisodeTask
 
 
 class RewardHackingMonitor:

@@ -11,7 +11,8 @@ from tqdm import tqdm
 from policy_server import PolicyClient, SamplingParams
 from prm_service import PRMClient
 from rollout_workers.records import StepRecord, shard_path, write_episode
-from rollout_workers.worker import EpisodeTask, RolloutWorker
+from rollout_workers.tasks import EpisodeTask
+from rollout_workers.worker import RolloutWorker
 
 
 def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None,

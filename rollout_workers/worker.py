@@ -19,26 +19,13 @@ from dataclasses import dataclass, replace
 
 from agent import command_to_send, format_response, parse_action
 from agent.episode import ChatFormat, StepInput, new_context
-from envs import AlfworldEnv, Game
+from envs import AlfworldEnv
 from policy_server import Generation, PolicyClient, SamplingParams
 from prm_service import PRMClient
 from rollout_workers.records import StepRecord
+from rollout_workers.tasks import EpisodeTask
 
 NOT_THE_POLICY = -1  # policy_version of expert and random steps
-
-
-@dataclass(frozen=True)
-class EpisodeTask:
-    game: Game
-    episode_index: int  # several episodes of one game are told apart by this
-    seed: int
-    # Reset distribution: these commands (a prefix of the game's expert demonstration) are
-    # played first and not recorded, so the policy starts from a state along that trajectory.
-    reset_actions: tuple[str, ...] = ()
-
-    @property
-    def episode_id(self) -> str:
-        return f"{self.game.game_id}#{self.episode_index}"
 
 
 @dataclass

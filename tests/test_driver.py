@@ -9,10 +9,11 @@ import pytest
 from omegaconf import OmegaConf
 
 import driver
+import stages
 from configs import REPO_ROOT
 from reports.best_of_n import choice_stats
 from reports.paired import format_paired, load_evaluation, paired
-from rollout_workers import SCHEMA, format_report, summarize
+from rollout_workers import SCHEMA, demonstrated_commands, format_report, reset_steps, summarize
 from rollout_workers.records import StepRecord, write_episode
 
 
@@ -138,10 +139,10 @@ def test_stage_clock_stops_when_its_work_ends(tmp_path, monkeypatch):
     """The total adds this run's time to the saved one and stops at the end of the block: a
     report read after the servers shut down does not count their shutdown."""
     now = [100.0]
-    monkeypatch.setattr(driver.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(stages.time, "monotonic", lambda: now[0])
     path = tmp_path / "clock.json"
     path.write_text(json.dumps({"seconds": 5.0}))
-    with driver.stage_clock(path) as elapsed:
+    with stages.stage_clock(path) as elapsed:
         now[0] += 3.0
         assert elapsed() == 8.0
     now[0] += 40.0
@@ -314,14 +315,15 @@ def test_inverseprm_runs_an_iteration_from_demonstrations_alone(tiny_model, tmp_
     # The reset distribution (demos and rollouts sample the same 2 games): each rollout starts
     # where the seeded draw puts it along its game's demonstration (all of them, with a
     # fraction of 1, unless the expert lost that game).
-    demonstrations = driver.demonstrated_commands(demos_dir / "demos.parquet")
+    demonstrations = demonstrated_commands(demos_dir / "demos.parquet")
     first: dict[str, dict] = {}
     for s in pq.read_table(run_dir / "iter_1/critic/rollouts").to_pylist():
         if s["episode_id"] not in first or s["step"] < first[s["episode_id"]]["step"]:
             first[s["episode_id"]] = s
     cfg = OmegaConf.load(run_dir / "config.yaml")
     for episode_id, s in first.items():
-        k = driver.reset_steps(cfg, s["game_id"], int(episode_id.split("#")[1]), demonstrations)
+        k = reset_steps(cfg.seed, cfg.critic.reset_fraction, cfg.env.max_steps, s["game_id"],
+                        int(episode_id.split("#")[1]), demonstrations)
         assert s["step"] == k and all(f"ACTION: {c}<|im_end|>" in s["prompt"]
                                       for c in demonstrations.get(s["game_id"], [])[:k])
     assert len(first) == 4 and max(s["step"] for s in first.values()) >= 1

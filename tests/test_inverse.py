@@ -217,18 +217,18 @@ def test_reset_starts_the_episode_along_the_experts_trajectory(tiny_model, ood_g
 
 
 def test_reset_distribution_is_seeded_and_stays_inside_the_demonstration():
-    import driver
+    from rollout_workers import reset_steps
 
     demonstrations = {"g/0": [f"c{i}" for i in range(10)], "g/1": ["c0"]}
-    off = small_cfg(**{"critic.reset_fraction": 0.0})
-    on = small_cfg(**{"critic.reset_fraction": 1.0})
-    half = small_cfg(**{"critic.reset_fraction": 0.5})
-    assert all(driver.reset_steps(off, "g/0", e, demonstrations) == 0 for e in range(20))
-    starts = [driver.reset_steps(on, "g/0", e, demonstrations) for e in range(50)]
-    assert all(1 <= k <= 9 for k in starts) and len(set(starts)) > 3
-    assert starts == [driver.reset_steps(on, "g/0", e, demonstrations) for e in range(50)]
-    assert driver.reset_steps(on, "g/1", 0, demonstrations) == 0  # too short to reset
-    assert driver.reset_steps(on, "g/2", 0, demonstrations) == 0  # no demonstration
-    short = small_cfg(**{"critic.reset_fraction": 1.0, "env.max_steps": 3})  # the policy still gets a step
-    assert {driver.reset_steps(short, "g/0", e, demonstrations) for e in range(30)} == {1, 2}
-    assert 5 < sum(driver.reset_steps(half, "g/0", e, demonstrations) > 0 for e in range(40)) < 35
+
+    def starts(fraction: float, game: str, episodes: int, max_steps: int = 50) -> list[int]:
+        return [reset_steps(0, fraction, max_steps, game, e, demonstrations) for e in range(episodes)]
+
+    assert starts(0.0, "g/0", 20) == [0] * 20
+    on = starts(1.0, "g/0", 50)
+    assert all(1 <= k <= 9 for k in on) and len(set(on)) > 3
+    assert on == starts(1.0, "g/0", 50)
+    assert starts(1.0, "g/1", 1) == [0]  # too short to reset
+    assert starts(1.0, "g/2", 1) == [0]  # no demonstration
+    assert set(starts(1.0, "g/0", 30, max_steps=3)) == {1, 2}  # the policy still gets a step
+    assert 5 < sum(k > 0 for k in starts(0.5, "g/0", 40)) < 35
