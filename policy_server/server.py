@@ -285,5 +285,6 @@ def start_policy_servers(policy_cfg: Any, model_path: str, seed: int) -> PolicyC
     ports = [None if port is None else replica_port(port, i) for i in range(cfg["replicas"])]
     client = PolicyClient([actor.remote(model_path, cfg, seed + i, latest, p) for i, p in enumerate(ports)], latest)
     if port is not None:
+        client.wait_ready()
         client.serve_openai(port)  # returns once every endpoint is up
     return client
