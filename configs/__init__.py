@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,16 +13,12 @@ from omegaconf.errors import OmegaConfBaseException
 from configs.schema import (AGENTS, ALGORITHMS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES,
                             PRM_LOSSES, PROMPT_STATES, SPLITS, WEIGHT_TRANSFERS, Config)
 
+from configs.paths import REPO_ROOT, cache_dir
+
 CONFIG_DIR = Path(__file__).resolve().parent
-REPO_ROOT = CONFIG_DIR.parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "cache_dir", "REPO_ROOT"]
-
-
-def cache_dir() -> Path:
-    """Where unpacked games and converted models live: $AGENTPRM_CACHE, else ~/.cache/agentprm."""
-    return Path(os.environ.get("AGENTPRM_CACHE", "~/.cache/agentprm")).expanduser()
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs import REPO_ROOT, cache_dir
+from configs.paths import REPO_ROOT, cache_dir
 
 SPLIT_DIRS = {
     "train": "train",  # the paper's training games (3,553 in the full data set)

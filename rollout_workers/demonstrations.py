@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from agent.episode import ChatFormat, replay
-from configs import cache_dir
+from configs.paths import cache_dir
 from envs.data import DataError, data_fingerprint
 from rollout_workers.records import SCHEMA, episodes_in_order
 
