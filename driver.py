@@ -22,8 +22,10 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 # Before `import ray`: keep a local head on loopback, no usage reporting, no hub downloads.
 _ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -255,7 +257,34 @@ def transitions_stage(cfg: DictConfig, out: Path, policy_model: str, demos: Path
     return dataset
 
 
-STAGE_1 = {"agentprm": q_targets_stage, "inverseprm": transitions_stage}
+def agentprm_prm(cfg: DictConfig, out: Path, init: str) -> dict:
+    """AgentPRM's PRM: Q(s, a) fitted to the Monte Carlo targets (and pairs) of stage 1."""
+    report = train_prm(cfg, out, init, out)
+    if report["reliability"]:
+        plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
+    print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']}, calibration error "
+          f"{report['expected_calibration_error']}, pair accuracy {report['pair_accuracy']}", flush=True)
+    return report
+
+
+def inverseprm_prm(cfg: DictConfig, out: Path, init: str) -> dict:
+    """InversePRM's PRM: r = Q(s, a) - γ·Q(s', a') telling expert from policy transitions."""
+    report = train_inverse_prm(cfg, out, init, out)
+    print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']} (expert vs policy transitions), "
+          f"accuracy {report['accuracy']}", flush=True)
+    return report
+
+
+@dataclass(frozen=True)
+class AlgorithmStages:
+    """What makes an algorithm (`algorithm`): its stage 1 (the PRM's data, from the policy's
+    rollouts) and its stage 2 (the PRM trained on it); stage 3 (DPO) is shared."""
+    stage_1: Callable[[DictConfig, Path, str, Path], dict]  # (cfg, out, policy model, demos) -> dataset
+    train_prm: Callable[[DictConfig, Path, str], dict]  # (cfg, out, initial weights) -> validation report
+
+
+ALGORITHM_STAGES = {"agentprm": AlgorithmStages(q_targets_stage, agentprm_prm),
+                    "inverseprm": AlgorithmStages(transitions_stage, inverseprm_prm)}
 
 
 def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
@@ -263,17 +292,7 @@ def prm_stage(cfg: DictConfig, out: Path, policy_model: str) -> dict:
     and its validation report (out/prm_report.json; AgentPRM: out/prm_reliability.png). Its
     manifest goes to out/prm_stage/, not into the model folder, which is replaced whole."""
     init = resolve_model(policy_model if cfg.prm.init == "policy" else cfg.prm.init)
-    if cfg.algorithm == "inverseprm":
-        report = train_inverse_prm(cfg, out, init, out)
-        print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']} (expert vs policy transitions), "
-              f"accuracy {report['accuracy']}", flush=True)
-        return report
-    report = train_prm(cfg, out, init, out)
-    if report["reliability"]:
-        plot_reliability(report["reliability"], out / "prm_reliability.png", "PRM calibration (held-out games)")
-    print(f"stage 2: PRM {out / 'prm'}: validation AUC {report['auc']}, calibration error "
-          f"{report['expected_calibration_error']}, pair accuracy {report['pair_accuracy']}", flush=True)
-    return report
+    return ALGORITHM_STAGES[cfg.algorithm].train_prm(cfg, out, init)
 
 
 def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, states: Path) -> dict:
@@ -335,7 +354,8 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
     PRM; everything in run_dir/critic/. Finished stages are not redone."""
     out = run_dir / "critic"
     dataset = stage(out, "stage_1",
-                    lambda: STAGE_1[cfg.algorithm](cfg, out, cfg.policy.model, demos_path(cfg, run_dir)))
+                    lambda: ALGORITHM_STAGES[cfg.algorithm].stage_1(cfg, out, cfg.policy.model,
+                                                                    demos_path(cfg, run_dir)))
     report = stage(out / "prm_stage", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
     bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm",
                                                                   list(cfg.critic.best_of_n)))
@@ -362,7 +382,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ns = list(cfg.eval.best_of_n)
     for i in range(1, cfg.iterations + 1):
         out = run_dir / f"iter_{i}"
-        dataset = stage(out / "critic", "stage_1", lambda: STAGE_1[cfg.algorithm](
+        dataset = stage(out / "critic", "stage_1", lambda: ALGORITHM_STAGES[cfg.algorithm].stage_1(
             cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
         stage(out / "critic" / "prm_stage", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
         prm_dir = out / "critic" / "prm"
