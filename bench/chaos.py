@@ -5,8 +5,8 @@
 Starts a local Ray and runs `driver.py mode=train` on it (one iteration from
 `init_policy`, at the small size of `SMALL`, plus any key=value overrides) twice: once
 undisturbed (the baseline) and once while a thread here SIGKILLs a random live process among
-the rollout workers, policy and PRM replicas and learner workers, at exponentially
-distributed intervals. A run the driver stops (restarts used up) is run again, as a user
+the rollout workers, policy and PRM replicas and learner workers (of the kind killed least
+so far among those alive), at exponentially distributed intervals. A run the driver stops (restarts used up) is run again, as a user
 would: it resumes. Then, for each run: the kills, the episodes each playing stage requested,
 wrote, lost and wrote twice (goal: 0 and 0), what each restarted replica served (its console
 line), the learners' resumes, and the wall time the kills cost. Figures are printed and saved
@@ -53,7 +53,7 @@ RESUMED = re.compile(r"(\w+): resuming after step (\d+)")
 
 
 class Chaos(threading.Thread):
-    """SIGKILLs a random live target process every Exp(mean_interval_s) seconds until stopped."""
+    """SIGKILLs a live target process every Exp(mean_interval_s) seconds until stopped."""
 
     def __init__(self, rng: random.Random, mean_interval_s: float):
         super().__init__(daemon=True)
@@ -67,7 +67,11 @@ class Chaos(threading.Thread):
                            key=lambda a: a["ActorID"])
             if not alive:
                 continue
-            victim = self.rng.choice(alive)
+            # The kind killed least so far among those alive, so every kind is hit in its stage
+            # (the PRM replica lives only through DPO); a random process of that kind.
+            killed = {kind: sum(k["actor"] == kind for k in self.kills) for kind in TARGETS}
+            fewest = min(killed[a["ActorClassName"]] for a in alive)
+            victim = self.rng.choice([a for a in alive if killed[a["ActorClassName"]] == fewest])
             try:
                 os.kill(victim["Pid"], signal.SIGKILL)
             except ProcessLookupError:  # it ended between the table and the kill
