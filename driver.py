@@ -5,7 +5,7 @@
     python driver.py mode=demos             # the handcoded expert's demonstrations (train split)
     python driver.py mode=sft               # demonstrations -> SFT (DeepSpeed on Ray Train) -> π0, evaluated
     python driver.py mode=critic policy.model=runs/x/sft/policy   # rollouts -> Q-targets -> PRM -> Best-of-N
-    python driver.py mode=eval policy.best_of_n=8 policy.temperature=0.7 prm_service.model=runs/x/critic/prm
+    python driver.py mode=eval "best_of_n.sizes=[1,8]" best_of_n.prm=runs/x/critic/prm   # Best-of-N with a PRM
     python driver.py mode=train iterations=2  # AgentPRM: π0 by SFT, then 2 x (rollouts, PRM, online DPO, eval)
     python driver.py mode=train algorithm=inverseprm   # InversePRM: the PRM from demonstrations alone
     python driver.py --config configs/other.yaml key=value ...
@@ -17,7 +17,6 @@ again, finished stages are not redone.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -34,11 +33,9 @@ for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, pick_games, resolve_data_root  # noqa: E402
@@ -50,11 +47,11 @@ from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
 from reports.paired import paired  # noqa: E402
-from rollout_workers import (EpisodeTask, RewardHackingMonitor, demonstrated_commands, episode_tasks,  # noqa: E402
-                             format_report, missing_episodes, read_steps, run_episodes, start_rollout_workers,
-                             summarize)
-from rollout_workers.demonstrations import as_seen_by, demonstration_store  # noqa: E402
-from stages import stage, stage_clock, stage_walls  # noqa: E402
+from rollout_workers import (Acting, RewardHackingMonitor, demonstrated_commands, episode_tasks, evaluate,  # noqa: E402
+                             format_report, start_rollout_workers)
+from rollout_workers.demonstrations import collect_demos  # noqa: E402
+from rollout_workers.play import play  # noqa: E402
+from stages import stage, stage_walls  # noqa: E402
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -66,7 +63,7 @@ def init_ray(cfg: DictConfig) -> None:
         return
     # A local Ray offers what the job's actors ask for, so none of them waits forever.
     # Stages run one after the other, so the largest stage sets the size.
-    uses_prm = cfg.mode in ("critic", "train") or cfg.prm_service.model
+    uses_prm = cfg.mode in ("critic", "train") or cfg.best_of_n.prm
     prm_cpus = cfg.prm_service.replicas * cfg.prm_service.num_cpus if uses_prm else 0
     servers = cfg.policy.replicas * cfg.policy.num_cpus + prm_cpus
     learners = cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
@@ -91,96 +88,6 @@ def init_ray(cfg: DictConfig) -> None:
         raise ConfigError(f"config: the policy servers need {needed:g} GPUs and this machine has {have:g}")
 
 
-def with_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
-    """A copy of the run's config with some values replaced (dotted keys), for one stage."""
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.set_readonly(cfg, False)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def play(cfg: DictConfig, episodes_dir: Path, split: str, num_games: int | None, agent: str,
-         episodes_per_game: int, model: str | None = None,
-         demonstrations: dict[str, list[str]] | None = None) -> tuple[pa.Table, dict]:
-    """Play `episodes_per_game` episodes of `num_games` games of the split (`pick_games`: the
-    same games in every run, task types in their shares) with `model` (default
-    `policy.model`), one shard per episode in `episodes_dir`; with
-    `prm_service.model`, the policy plays Best-of-`policy.best_of_n` against that PRM; with
-    `demonstrations` (game id -> its demonstration's commands), episodes start from the reset
-    distribution of `critic.reset_fraction`.
-
-    Returns the episodes' step records and their report (success overall and per task type).
-    """
-    model = model or cfg.policy.model
-    games = pick_games(list_games(split, resolve_data_root(cfg.data.archive)), num_games)
-    tasks = episode_tasks(games, episodes_per_game, cfg.seed, cfg.critic.reset_fraction, cfg.env.max_steps,
-                          demonstrations)
-    model_path = resolve_model(model)
-    episodes_dir.mkdir(parents=True, exist_ok=True)
-    # The time spent playing, summed over every run that worked on these episodes; the leading
-    # underscore keeps it out of the folder as a Parquet dataset (Arrow and Ray Data skip such files).
-    with stage_clock(episodes_dir / "_playing_time.json") as playing_time:
-        if missing_episodes(tasks, episodes_dir):  # a finished set starts no servers
-            play_missing(cfg, agent, model_path, tasks, episodes_dir, desc=f"{agent} on {split}")
-    steps = read_steps(episodes_dir, [t.episode_id for t in tasks])
-    report = summarize(steps)
-    prm = cfg.prm_service.model if agent == "llm" else None
-    report.update(split=split, games=len(games), max_steps=cfg.env.max_steps, seed=cfg.seed, agent=agent,
-                  model=model if agent == "llm" else None, wall_time_s=round(playing_time(), 1),
-                  best_of_n=cfg.policy.best_of_n if prm else None, prm=prm)
-    return steps, report
-
-
-def play_missing(cfg: DictConfig, agent: str, model_path: str, tasks: list[EpisodeTask], episodes_dir: Path,
-                 desc: str) -> None:
-    """Start the policy server (and the PRM service for Best-of-N) and the rollout workers,
-    play the tasks without a shard, and stop them all."""
-    policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
-    prm = start_prm_servers(cfg.prm_service, cfg.prm_service.model) if policy and cfg.prm_service.model else None
-    workers = start_rollout_workers(cfg, agent, model_path, policy, prm)
-    try:
-        run_episodes(workers, cfg.rollout.envs_per_worker, tasks, episodes_dir, desc=desc)
-    finally:  # free their CPUs for the next stage
-        for worker in workers:
-            ray.kill(worker)
-        for server in (policy, prm):
-            if server:
-                server.shutdown()
-
-
-def evaluate(cfg: DictConfig, run_dir: Path, split: str | None = None, model: str | None = None,
-             name: str = "eval") -> dict:
-    """Success of the policy (or `rollout.agent`) on a split; `<name>.json` in the run directory."""
-    split = split or cfg.eval.split
-    _, report = play(cfg, run_dir / name, split, cfg.eval.num_games, cfg.rollout.agent,
-                     cfg.eval.episodes_per_game, model)
-    (run_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report))
-    return report
-
-
-def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
-    """The handcoded expert on `demos.num_games` games of the demos split, played into the
-    demonstration store (only the games it lacks); the winning episodes, with their prompts
-    and ids as this run's policy sees them, become the run's demos.parquet."""
-    store = demonstration_store(resolve_data_root(cfg.data.archive), cfg.demos.split, cfg.env.max_steps,
-                                cfg.demos.store)
-    steps, report = play(cfg, store, cfg.demos.split, cfg.demos.num_games, "expert", 1)
-    won_episodes = pc.filter(steps, steps["won"])["episode_id"]
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.policy.model),
-                                              trust_remote_code=cfg.policy.trust_remote_code)
-    demos = as_seen_by(steps.filter(pc.is_in(steps["episode_id"], won_episodes)), tokenizer,
-                       OmegaConf.to_container(cfg.prompt), cfg.policy.max_new_tokens)
-    pq.write_table(demos, run_dir / "demos.parquet")
-    report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows, store=str(store.parent))
-    (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report))
-    print(f"demonstrations: {len(won_episodes)} winning episodes, {demos.num_rows} steps -> {run_dir / 'demos.parquet'}")
-    return report
-
-
 def sft(cfg: DictConfig, run_dir: Path) -> dict:
     """π0: fine-tune `policy.model` on expert demonstrations, then evaluate it.
 
@@ -197,8 +104,18 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
                                                                        run_dir / "sft"))})
         wall = json.loads((run_dir / "sft" / "manifest.json").read_text())["wall_time_s"]
         print(f"π0: {policy} ({wall:.0f} s of training)", flush=True)
-    return {split: evaluate(cfg, run_dir, split, model=str(policy), name=f"eval_sft_{split}")
+    return {split: evaluate(cfg, policy_acting(cfg, str(policy)), run_dir, split, name=f"eval_sft_{split}")
             for split in cfg.sft.eval_splits}
+
+
+def policy_acting(cfg: DictConfig, model: str) -> Acting:
+    """The policy `model` as every evaluation plays it: at `eval.temperature` (0: greedy)."""
+    return Acting("llm", model, cfg.eval.temperature)
+
+
+def best_of_n_acting(cfg: DictConfig, model: str, n: int, prm_dir: Path) -> Acting:
+    """Best-of-`n` of the policy `model` against the PRM in `prm_dir`, sampling at `best_of_n.temperature`."""
+    return Acting("llm", model, cfg.best_of_n.temperature, n, str(prm_dir))
 
 
 def demos_path(cfg: DictConfig, run_dir: Path) -> Path:
@@ -210,10 +127,8 @@ def policy_rollouts(cfg: DictConfig, out: Path, policy_model: str, demos: Path) 
     """Stage 1's rollouts: `critic.rollouts_per_game` episodes per game of `critic.num_games`
     games, the policy alone at `critic.temperature` (out/rollouts/); with
     `critic.reset_fraction`, that share of them starts along the game's demonstration."""
-    rollout_cfg = with_overrides(cfg, {"policy.temperature": cfg.critic.temperature, "policy.best_of_n": 1,
-                                       "prm_service.model": None})
-    steps, report = play(rollout_cfg, out / "rollouts", cfg.critic.split, cfg.critic.num_games, "llm",
-                         cfg.critic.rollouts_per_game, model=policy_model,
+    steps, report = play(cfg, Acting("llm", policy_model, cfg.critic.temperature), out / "rollouts",
+                         cfg.critic.split, cfg.critic.num_games, cfg.critic.rollouts_per_game,
                          demonstrations=demonstrated_commands(demos) if cfg.critic.reset_fraction else None)
     print(format_report(report))
     return steps, report
@@ -305,13 +220,13 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
     workers, monitor, records = [], None, []
     try:
         if cfg.dpo.monitor_games:
-            workers = start_rollout_workers(cfg, "llm", model_path, policy)
+            workers = start_rollout_workers(cfg, "llm", model_path, policy, cfg.eval.temperature)
             games = pick_games(list_games(cfg.eval.split, resolve_data_root(cfg.data.archive)), cfg.dpo.monitor_games)
             held_out = states_of(pq.read_table(states), "val")[:cfg.dpo.monitor_states]
             monitor = RewardHackingMonitor(
                 policy, prm, workers, cfg.rollout.envs_per_worker, held_out,
                 episode_tasks(games, 1, cfg.seed),
-                SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
+                SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.policy.top_p,
                                max_tokens=cfg.policy.max_new_tokens), out, every=cfg.dpo.monitor_every)
             monitor.start()
         new_policy = train_dpo(cfg, states, model_path, policy, prm, out)
@@ -329,18 +244,12 @@ def dpo_stage(cfg: DictConfig, out: Path, policy_model: str, prm_dir: Path, stat
     return {"policy": str(new_policy), "monitor": records}
 
 
-def best_of_n_config(cfg: DictConfig, n: int, prm_dir: Path) -> DictConfig:
-    """Acting by Best-of-`n` against the PRM in `prm_dir`, sampling at `critic.best_of_n_temperature`."""
-    return with_overrides(cfg, {"policy.best_of_n": n, "prm_service.model": str(prm_dir),
-                                "policy.temperature": cfg.critic.best_of_n_temperature, "rollout.agent": "llm"})
-
-
 def best_of_n_stage(cfg: DictConfig, run_dir: Path, policy_model: str, prm_dir: Path, ns: list[int]) -> dict:
     """Best-of-N(policy, PRM) on `eval.split` for each N of `ns` (bon_<N>/, bon_<N>.json,
     bon.json, bon.png in `run_dir`)."""
     success: dict[int, float] = {}
     for n in ns:
-        success[n] = evaluate(best_of_n_config(cfg, n, prm_dir), run_dir, model=policy_model,
+        success[n] = evaluate(cfg, best_of_n_acting(cfg, policy_model, n, prm_dir), run_dir,
                               name=f"bon_{n}")["success_rate"]
     if success:
         (run_dir / "bon.json").write_text(json.dumps({"split": cfg.eval.split, "success_rate": success}, indent=2))
@@ -358,14 +267,14 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
                                                                     demos_path(cfg, run_dir)))
     report = stage(out / "prm_stage", "prm", lambda: prm_stage(cfg, out, cfg.policy.model))
     bon = stage(out / "bon", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon", cfg.policy.model, out / "prm",
-                                                                  list(cfg.critic.best_of_n)))
+                                                                  list(cfg.best_of_n.sizes)))
     return {"dataset": dataset, "prm": report, "best_of_n": bon}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """AgentPRM or InversePRM (`algorithm`): π0 (`init_policy`, else SFT in this run), then
     `iterations` times: stage 1 (rollouts -> Q-targets, or -> expert vs policy transitions),
-    stage 2 (the PRM Q_{i-1}), with `eval.best_of_n` Best-of-N(π_{i-1}, Q_{i-1}) for each N,
+    stage 2 (the PRM Q_{i-1}), with `best_of_n.sizes` Best-of-N(π_{i-1}, Q_{i-1}) for each N,
     stage 3 (online DPO against it -> π_i), π_i's evaluation on `eval.split`, and
     Best-of-N(π_i, Q_{i-1}) at the largest N; iteration i in run_dir/iter_<i>/. Re-running
     resumes at the first unfinished stage. The summary (summary.json, success.png): every
@@ -373,13 +282,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     stage's wall time."""
     if cfg.init_policy:
         policy_model = cfg.init_policy
-        stage(run_dir / "eval_pi0", "evaluation", lambda: evaluate(cfg, run_dir / "eval_pi0", model=policy_model))
+        stage(run_dir / "eval_pi0", "evaluation", lambda: evaluate(cfg, policy_acting(cfg, policy_model), run_dir / "eval_pi0"))
         evaluations = {"pi0": run_dir / "eval_pi0" / "eval.json"}
     else:
         sft(cfg, run_dir)
         policy_model = str(run_dir / "sft" / "policy")
         evaluations = {"pi0": run_dir / f"eval_sft_{cfg.eval.split}.json"}
-    ns = list(cfg.eval.best_of_n)
+    ns = list(cfg.best_of_n.sizes)
     for i in range(1, cfg.iterations + 1):
         out = run_dir / f"iter_{i}"
         dataset = stage(out / "critic", "stage_1", lambda: ALGORITHM_STAGES[cfg.algorithm].stage_1(
@@ -393,11 +302,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, prm_dir,
                                                              Path(dataset["states"])))
         policy_model = result["policy"]
-        stage(out / "eval", "evaluation", lambda: evaluate(cfg, out / "eval", model=policy_model))
+        stage(out / "eval", "evaluation", lambda: evaluate(cfg, policy_acting(cfg, policy_model), out / "eval"))
         evaluations[f"pi{i}"] = out / "eval" / "eval.json"
         if ns:
-            after = best_of_n_config(cfg, max(ns), prm_dir)
-            stage(out / "bon_after", "best_of_n", lambda: evaluate(after, out / "bon_after", model=policy_model))
+            after = best_of_n_acting(cfg, policy_model, max(ns), prm_dir)
+            stage(out / "bon_after", "best_of_n", lambda: evaluate(cfg, after, out / "bon_after"))
             evaluations[f"BoN-{max(ns)}(pi{i},Q{i - 1})"] = out / "bon_after" / "eval.json"
     reports = {name: json.loads(path.read_text()) for name, path in evaluations.items() if path.exists()}
     summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
@@ -416,7 +325,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-MODES = {"eval": evaluate, "demos": collect_demos, "sft": sft, "critic": critic, "train": train}
+def evaluation(cfg: DictConfig, run_dir: Path) -> dict:
+    """mode=eval: `rollout.agent` (the policy `policy.model` at `eval.temperature`) on
+    `eval.split`; with `best_of_n.prm`, Best-of-N of the policy against that PRM for each N of
+    `best_of_n.sizes` instead (bon_<N>.json)."""
+    if cfg.best_of_n.prm:
+        return best_of_n_stage(cfg, run_dir, cfg.policy.model, Path(cfg.best_of_n.prm), list(cfg.best_of_n.sizes))
+    return evaluate(cfg, Acting(cfg.rollout.agent, cfg.policy.model, cfg.eval.temperature), run_dir)
+
+
+MODES = {"eval": evaluation, "demos": collect_demos, "sft": sft, "critic": critic, "train": train}
 
 
 def main(argv: list[str] | None = None) -> int:

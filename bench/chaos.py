@@ -42,7 +42,7 @@ from rollout_workers import read_steps  # noqa: E402
 # steps and DPO of at most 4 on 2 learner workers (a push and a checkpoint every 2; fewer steps
 # when the rollouts hold fewer episodes or states), 8 evaluation games.
 SMALL = ["mode=train", "iterations=1", "critic.num_games=4", "critic.rollouts_per_game=2",
-         "critic.val_fraction=0.5", "env.max_steps=15", "eval.num_games=8", "eval.best_of_n=[]",
+         "critic.val_fraction=0.5", "env.max_steps=15", "eval.num_games=8", "best_of_n.sizes=[]",
          "rollout.num_workers=2", "rollout.envs_per_worker=2", "learner.num_workers=2", "learner.max_failures=3",
          "prm.max_steps=2", "prm.batch_size=4", "prm.micro_batch_size=1", "prm.checkpoint_every=1",
          "dpo.max_steps=4", "dpo.batch_size=2", "dpo.micro_batch_size=1",

@@ -38,7 +38,7 @@ LATENCY_STEPS = (5, 40)
 
 def play(cfg, games, model_path: str) -> dict:
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed)
-    workers = start_rollout_workers(cfg, "llm", model_path, policy)
+    workers = start_rollout_workers(cfg, "llm", model_path, policy, cfg.eval.temperature)
     ray.get([w.__ray_ready__.remote() for w in workers], timeout=300)
     policy.wait_ready()
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(games)]

@@ -42,7 +42,7 @@ def plain_loop(agent: str, games, cfg, model_path: str) -> dict:
     """The baseline: one environment, one generate call per step, in this process."""
     engine = HFEngine(model_path, device="cpu") if agent == "llm" else None
     tokenizer = engine.tokenizer if engine else __import__("transformers").AutoTokenizer.from_pretrained(model_path)
-    params = SamplingParams(temperature=cfg.policy.temperature, max_tokens=cfg.policy.max_new_tokens)
+    params = SamplingParams(temperature=cfg.eval.temperature, max_tokens=cfg.policy.max_new_tokens)
     env, rng, steps = AlfworldEnv(max_steps=cfg.env.max_steps), random.Random(0), 0
     start = time.perf_counter()
     for game in games:
@@ -65,7 +65,7 @@ def plain_loop(agent: str, games, cfg, model_path: str) -> dict:
 def ray_rollout(agent: str, games, cfg, model_path: str, workers: int) -> dict:
     start = time.perf_counter()
     policy = start_policy_servers(cfg.policy, model_path, cfg.seed) if agent == "llm" else None
-    actors = start_rollout_workers(cfg, agent, model_path, policy)
+    actors = start_rollout_workers(cfg, agent, model_path, policy, cfg.eval.temperature)
     ray.get([a.__ray_ready__.remote() for a in actors], timeout=300)
     if policy:
         policy.wait_ready()
@@ -110,7 +110,7 @@ def main() -> None:
              object_store_memory=2**30)
     torch.set_num_threads(2)
     results = {"machine": machine(torch_threads=2), "engine": args.engine, "model": base.policy.model, "games": args.games, "max_steps": args.max_steps,
-               "max_new_tokens": base.policy.max_new_tokens, "temperature": base.policy.temperature, "runs": {}}
+               "max_new_tokens": base.policy.max_new_tokens, "temperature": base.eval.temperature, "runs": {}}
     for agent in args.agents:
         rows = [plain_loop(agent, games, base, model_path)] if args.plain else []
         if rows:

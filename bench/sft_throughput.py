@@ -36,7 +36,7 @@ import ray  # noqa: E402
 from bench import machine  # noqa: E402
 from configs import REPO_ROOT, load_config  # noqa: E402
 from agent.episode import ChatFormat  # noqa: E402
-from driver import collect_demos  # noqa: E402
+from rollout_workers.demonstrations import collect_demos  # noqa: E402
 from learners import episode_sequences, train_sft  # noqa: E402
 from policy_server import resolve_model  # noqa: E402
 

@@ -100,7 +100,7 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.policy.vllm.max_model_len >= cfg.prompt.max_context_tokens,
                f"policy.vllm.max_model_len ({cfg.policy.vllm.max_model_len}) must be at least "
                f"prompt.max_context_tokens ({cfg.prompt.max_context_tokens})")
-    _check(cfg.policy.temperature >= 0, "policy.temperature must be >= 0")
+    _check(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
     _check(0 < cfg.policy.top_p <= 1, "policy.top_p must be in (0, 1]")
     _check(cfg.rollout.num_cpus >= 0 and cfg.policy.num_cpus >= 0, "num_cpus must be >= 0")
     _check(cfg.policy.num_gpus >= 0, "policy.num_gpus must be >= 0")
@@ -109,6 +109,8 @@ def validate(cfg: DictConfig) -> None:
     _check_vllm(cfg.policy, cfg.mode)
     _check_learner(cfg)
     _check_critic(cfg)
+    _check_prm_service(cfg.prm_service)
+    _check_best_of_n(cfg)
     port = cfg.policy.openai_port
     _check(port is None or 0 <= port < 65536, "policy.openai_port must be a port number, 0 (any) or null (off)")
     # Files: the model (unless only the expert or random agent acts, they still render
@@ -168,7 +170,7 @@ def _check_training(cfg: DictConfig, section: str) -> None:
 
 
 def _check_critic(cfg: DictConfig) -> None:
-    critic, service = cfg.critic, cfg.prm_service
+    critic = cfg.critic
     _one_of(critic.split, SPLITS, "critic.split")
     _one_of(critic.discount, DISCOUNTS, "critic.discount")
     _check(critic.num_games is None or critic.num_games >= 1, "critic.num_games must be at least 1 (or null)")
@@ -180,22 +182,15 @@ def _check_critic(cfg: DictConfig) -> None:
                f"critic.val_fraction={critic.val_fraction} holds out all {critic.num_games} games of critic.num_games")
     _check(critic.pair_margin >= 0, "critic.pair_margin must be >= 0")
     _check(0 <= critic.reset_fraction <= 1, "critic.reset_fraction must be in [0, 1]")
-    _check(all(n >= 1 for n in cfg.eval.best_of_n), "eval.best_of_n: every N must be at least 1")
     needs_demos = cfg.mode in ("critic", "train") and (cfg.algorithm == "inverseprm" or critic.reset_fraction > 0)
     collects_demos = cfg.mode == "train" and not cfg.init_policy  # SFT of π0 gathers them first
     _check(not needs_demos or collects_demos or cfg.sft.demos is not None,
            f"{'algorithm=inverseprm' if cfg.algorithm == 'inverseprm' else 'critic.reset_fraction > 0'} needs "
            "expert demonstrations: sft.demos=<demos.parquet of mode=demos>")
-    _check(critic.temperature >= 0 and critic.best_of_n_temperature >= 0, "critic temperatures must be >= 0")
-    _check(all(n >= 1 for n in critic.best_of_n), "critic.best_of_n: every N must be at least 1")
-    _check(critic.best_of_n_temperature > 0 or max([*critic.best_of_n, *cfg.eval.best_of_n], default=1) <= 1,
-           "critic.best_of_n_temperature must be > 0 when some N (critic.best_of_n, eval.best_of_n) is > 1 "
-           "(greedy samples are all alike)")
-    _check(cfg.policy.best_of_n >= 1, "policy.best_of_n must be at least 1")
-    if cfg.policy.best_of_n > 1:
-        _check(cfg.policy.temperature > 0, "policy.best_of_n > 1 needs policy.temperature > 0")
-        _check(cfg.mode == "critic" or service.model is not None,
-               "policy.best_of_n > 1 needs a PRM: prm_service.model=<PRM folder>")
+    _check(critic.temperature >= 0, "critic.temperature must be >= 0")
+
+
+def _check_prm_service(service: DictConfig) -> None:
     _one_of(service.device, DEVICES, "prm_service.device")
     _one_of(service.dtype, DTYPES, "prm_service.dtype")
     for key in ("replicas", "max_batch_size"):
@@ -204,18 +199,27 @@ def _check_critic(cfg: DictConfig) -> None:
         _check(service[key] >= 0, f"prm_service.{key} must be >= 0")
     if service.device == "cuda":
         _check(service.num_gpus > 0, "prm_service.device=cuda needs prm_service.num_gpus > 0")
-    if service.model is not None:
-        _check_prm_folder(service.model)
+
+
+def _check_best_of_n(cfg: DictConfig) -> None:
+    best_of_n = cfg.best_of_n
+    _check(all(n >= 1 for n in best_of_n.sizes), "best_of_n.sizes: every N must be at least 1")
+    _check(best_of_n.temperature > 0 or max(best_of_n.sizes, default=1) <= 1,
+           "best_of_n.temperature must be > 0 when some N of best_of_n.sizes is > 1 (greedy samples are all alike)")
+    if best_of_n.prm is not None:
+        _check(cfg.mode == "eval", "best_of_n.prm is mode=eval's PRM; mode=critic and mode=train use the PRM they train")
+        _check(bool(best_of_n.sizes), "mode=eval with best_of_n.prm needs the N to play: best_of_n.sizes=[N, ...]")
+        _check_prm_folder(best_of_n.prm)
 
 
 def _check_prm_folder(folder: str) -> None:
     import json
 
     config = Path(folder) / "config.json"
-    _check(config.is_file(), f"prm_service.model: {folder} is not a Hugging Face folder (no config.json)")
+    _check(config.is_file(), f"best_of_n.prm: {folder} is not a Hugging Face folder (no config.json)")
     arch = json.loads(config.read_text()).get("architectures") or [""]
     _check(arch[0].endswith("ForSequenceClassification"),
-           f"prm_service.model: {folder} holds a {arch[0] or 'model'}, not a PRM (a sequence classifier); "
+           f"best_of_n.prm: {folder} holds a {arch[0] or 'model'}, not a PRM (a sequence classifier); "
            "mode=critic trains one")
 
 

@@ -98,13 +98,10 @@ class PolicyConfig:
     # OpenAI-compatible endpoint of each replica on 127.0.0.1 (replica i on port + i);
     # null = off, 0 = any free port (the driver prints the URLs).
     openai_port: Optional[int] = None
-    # Sampling for acting (evaluation uses these as given; temperature 0 = greedy).
-    temperature: float = 0.0
+    # The policy's nucleus and the longest action, in every stage that samples from it (each
+    # stage's temperature is its own: eval, critic, best_of_n, dpo).
     top_p: float = 1.0
     max_new_tokens: int = 48
-    # Best-of-N acting: N samples per step (temperature > 0), the PRM (prm_service.model)
-    # scores the distinct actions, the best is played. 1 = act with the policy alone.
-    best_of_n: int = 1
 
 
 @dataclass
@@ -126,10 +123,24 @@ class EvalConfig:
     # every run, a smaller N a subset of a larger one); null = all.
     num_games: Optional[int] = None
     episodes_per_game: int = 1
-    # mode=train: in every iteration also Best-of-N(π_{i-1}, Q_{i-1}) for each of these N, and
-    # Best-of-N(π_i, Q_{i-1}) for the largest (Q_{i-1}: the PRM fit on π_{i-1}'s rollouts; the
-    # paper's Figures 2 and 5b), sampling at critic.best_of_n_temperature. Empty = skip.
-    best_of_n: list[int] = field(default_factory=list)
+    # The policy's sampling temperature when it is evaluated (mode=eval, π_i after SFT and
+    # DPO, the DPO monitor's episodes); 0 = greedy.
+    temperature: float = 0.0
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N acting (the paper's Figures 2 and 5b): at every step the policy samples N
+    actions at `temperature`, the PRM scores the distinct ones and the best is played."""
+    # The N of each Best-of-N evaluation on eval.split; empty = none. mode=critic: with the PRM
+    # it just trained; mode=train: Best-of-N(π_{i-1}, Q_{i-1}) for each N in every iteration,
+    # and Best-of-N(π_i, Q_{i-1}) for the largest; mode=eval: with `prm`. N = 1 is the policy
+    # sampled alone at `temperature`: the control for sampling without the PRM.
+    sizes: list[int] = field(default_factory=list)
+    temperature: float = 0.7
+    # mode=eval: the PRM folder to act against (mode=critic writes <run_dir>/critic/prm); null
+    # = evaluate the policy alone. The other modes use the PRM they train.
+    prm: Optional[str] = None
 
 
 @dataclass
@@ -203,7 +214,7 @@ class SFTConfig(TrainConfig):
 @dataclass
 class CriticConfig:
     """Stage 1 of both algorithms (AgentPRM: rollouts -> Monte Carlo Q-targets; InversePRM:
-    rollouts and demonstrations -> transitions) and the Best-of-N report of mode=critic."""
+    rollouts and demonstrations -> transitions)."""
     split: str = "train"
     num_games: Optional[int] = None  # N games of the split, picked as eval.num_games picks them; null = all
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
@@ -219,10 +230,6 @@ class CriticConfig:
     # share of the task folders (with all their games) held out to validate the PRM; AgentPRM
     # samples folders with a won episode and folders without apart, so both outcomes are held out
     val_fraction: float = 0.1
-    # After training: Best-of-N(policy, Q) on eval.split for each N (empty = skip), sampling at
-    # this temperature (N = 1 is the policy sampled alone at that temperature).
-    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    best_of_n_temperature: float = 0.7
 
 
 @dataclass
@@ -273,7 +280,6 @@ class DPOConfig(TrainConfig):
 @dataclass
 class PRMServiceConfig:
     """Ray actors serving a PRM checkpoint (Best-of-N acting, DPO)."""
-    model: Optional[str] = None  # a PRM folder (mode=critic writes <run_dir>/critic/prm); mode=critic sets it
     replicas: int = 1
     max_restarts: int = 3  # as policy.max_restarts: a restarted replica loads the latest PRM checkpoint
     num_cpus: float = 1.0
@@ -321,6 +327,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
     demos: DemosConfig = field(default_factory=DemosConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

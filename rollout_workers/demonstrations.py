@@ -15,10 +15,17 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from agent.episode import ChatFormat, replay
 from configs.paths import cache_dir
-from envs.data import DataError, data_fingerprint
+from envs.data import DataError, data_fingerprint, resolve_data_root
+from policy_server import resolve_model
+from rollout_workers.evaluation import format_report
+from rollout_workers.play import Acting, play
 from rollout_workers.records import SCHEMA, episodes_in_order
 
 # alfworld's handcoded expert (the only one that needs no model), its ties broken by a random
@@ -56,3 +63,23 @@ def as_seen_by(steps: pa.Table, tokenizer, prompt: dict, max_new_tokens: int) ->
             rows.append({**row, "prompt": tokenizer.decode(fed.prompt_ids), "prompt_ids": fed.new_ids,
                          "context_start": fed.reset, "context_rule": fed.rule, "response_ids": response})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def collect_demos(cfg: DictConfig, run_dir: Path) -> dict:
+    """The handcoded expert on `demos.num_games` games of the demos split, played into the
+    demonstration store (only the games it lacks); the winning episodes, with their prompts
+    and ids as this run's policy sees them, become the run's demos.parquet."""
+    store = demonstration_store(resolve_data_root(cfg.data.archive), cfg.demos.split, cfg.env.max_steps,
+                                cfg.demos.store)
+    steps, report = play(cfg, Acting("expert", cfg.policy.model), store, cfg.demos.split, cfg.demos.num_games, 1)
+    won_episodes = pc.filter(steps, steps["won"])["episode_id"]
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.policy.model),
+                                              trust_remote_code=cfg.policy.trust_remote_code)
+    demos = as_seen_by(steps.filter(pc.is_in(steps["episode_id"], won_episodes)), tokenizer,
+                       OmegaConf.to_container(cfg.prompt), cfg.policy.max_new_tokens)
+    pq.write_table(demos, run_dir / "demos.parquet")
+    report.update(demo_episodes=len(won_episodes), demo_steps=demos.num_rows, store=str(store.parent))
+    (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"demonstrations: {len(won_episodes)} winning episodes, {demos.num_rows} steps -> {run_dir / 'demos.parquet'}")
+    return report

@@ -15,15 +15,16 @@ from rollout_workers.tasks import EpisodeTask
 from rollout_workers.worker import RolloutWorker
 
 
-def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None,
-                          prm: PRMClient | None = None) -> list:
+def start_rollout_workers(cfg, agent: str, tokenizer_path: str, policy: PolicyClient | None = None,
+                          temperature: float = 0.0, prm: PRMClient | None = None, best_of_n: int = 1) -> list:
     """`cfg.rollout.num_workers` actors, each with `cfg.rollout.envs_per_worker` environments.
 
-    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy`, and with `prm`
-    plays Best-of-`policy.best_of_n`.
+    `agent` picks who acts ("llm", "expert", "random"); "llm" needs `policy` and samples at
+    `temperature` (with `policy.top_p`, at most `policy.max_new_tokens`), and with `prm`
+    plays Best-of-`best_of_n`.
     """
-    sampling = SamplingParams(temperature=cfg.policy.temperature, top_p=cfg.policy.top_p,
-                              max_tokens=cfg.policy.max_new_tokens, n=cfg.policy.best_of_n if prm else 1)
+    sampling = SamplingParams(temperature=temperature, top_p=cfg.policy.top_p, max_tokens=cfg.policy.max_new_tokens,
+                              n=best_of_n if prm else 1)
     actor = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus, resources=dict(cfg.rollout.resources),
         max_concurrency=cfg.rollout.envs_per_worker,

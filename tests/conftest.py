@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Before anything imports ray: local tests run on loopback, without token auth or telemetry.
 os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -12,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from configs.paths import REPO_ROOT  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -102,3 +105,14 @@ def ray_local():
              dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def run_driver(*args):
+    """The driver in a process of its own; demonstrations go to a store beside the run, not
+    into the user's cache."""
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    store = [f"demos.store={run_dir}-demonstrations"] if not any(a.startswith("demos.store=") for a in args) else []
+    proc = subprocess.run([sys.executable, "driver.py", *args, *store], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

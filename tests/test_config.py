@@ -9,8 +9,8 @@ from configs import REPO_ROOT, ConfigError, load_config, save_config
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(["eval.num_games=3", "rollout.num_workers=4", "policy.temperature=0.3"])
-    assert (cfg.eval.num_games, cfg.rollout.num_workers, cfg.policy.temperature) == (3, 4, 0.3)
+    cfg = load_config(["eval.num_games=3", "rollout.num_workers=4", "eval.temperature=0.3"])
+    assert (cfg.eval.num_games, cfg.rollout.num_workers, cfg.eval.temperature) == (3, 4, 0.3)
     # configs/default.yaml over the schema's defaults
     assert (cfg.mode, cfg.env.max_steps, cfg.sft.max_steps) == ("train", 50, 6) and cfg.prompt.history_turns == 8
     saved = OmegaConf.load(save_config(cfg, tmp_path))
@@ -43,17 +43,18 @@ def test_defaults_and_overrides(tmp_path):
     (["prm.batch_size=30"], "prm.batch_size (30) must be a multiple of learner.num_workers x prm.micro_batch_size"),
     (["critic.discount=forward"], "critic.discount='forward' is not one of to_go, from_start"),
     (["critic.num_games=1", "critic.val_fraction=0.1"], "critic.val_fraction=0.1 holds out all 1 games"),
-    (["policy.best_of_n=4", "policy.temperature=0.7"], "policy.best_of_n > 1 needs a PRM: prm_service.model"),
-    (["policy.best_of_n=4", "prm_service.model=."], "policy.best_of_n > 1 needs policy.temperature > 0"),
-    (["policy.best_of_n=4", "policy.temperature=1", "prm_service.model=configs"], "is not a Hugging Face folder"),
+    (["mode=eval", "best_of_n.prm=configs"], "mode=eval with best_of_n.prm needs the N to play: best_of_n.sizes"),
+    (["mode=eval", "best_of_n.sizes=[4]", "best_of_n.prm=configs"], "best_of_n.prm: configs is not a Hugging Face folder"),
+    (["mode=train", "best_of_n.sizes=[4]", "best_of_n.prm=configs"], "best_of_n.prm is mode=eval's PRM"),
+    (["policy.temperature=0.7"], "policy.temperature"),  # each stage has its own: eval.temperature, ...
     (["mode=critic", "prm.init=./no-such-model"], "model not found: ./no-such-model"),
     (["mode=critic", "algorithm=inverseprm"], "algorithm=inverseprm needs expert demonstrations: sft.demos="),
     (["mode=train", "init_policy=configs", "critic.reset_fraction=0.5"],
      "critic.reset_fraction > 0 needs expert demonstrations"),
     (["learner.dtype=bfloat16", "learner.autocast_bf16=true"], "learner.autocast_bf16 keeps float32 weights"),
     (["critic.reset_fraction=1.5"], "critic.reset_fraction must be in [0, 1]"),
-    (["eval.best_of_n=[4]", "critic.best_of_n_temperature=0"], "critic.best_of_n_temperature must be > 0"),
-    (["eval.best_of_n=[0]"], "eval.best_of_n: every N must be at least 1"),
+    (["best_of_n.sizes=[4]", "best_of_n.temperature=0"], "best_of_n.temperature must be > 0"),
+    (["best_of_n.sizes=[0]"], "best_of_n.sizes: every N must be at least 1"),
     (["dpo.samples_per_state=1"], "dpo.samples_per_state must be at least 2"),
 ])
 def test_bad_config_is_one_clear_line(args, message):

@@ -4,11 +4,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-import driver
+import rollout_workers.play
 from configs import load_config
 from envs import DataError
-from rollout_workers.demonstrations import demonstration_store
-from tests.test_driver import run_driver
+from rollout_workers.demonstrations import collect_demos, demonstration_store
+from tests.conftest import run_driver
 
 
 def test_a_second_run_reuses_the_stored_demonstrations_without_playing(tiny_model, data_root, tmp_path,
@@ -23,11 +23,11 @@ def test_a_second_run_reuses_the_stored_demonstrations_without_playing(tiny_mode
 
     def play_nothing(*a, **k):
         raise AssertionError("played a game that the store holds")
-    monkeypatch.setattr(driver, "play_missing", play_nothing)
+    monkeypatch.setattr(rollout_workers.play, "play_missing", play_nothing)
     (tmp_path / "second").mkdir()
-    report = driver.collect_demos(load_config(args), tmp_path / "second")
+    report = collect_demos(load_config(args), tmp_path / "second")
     assert pq.read_table(tmp_path / "second" / "demos.parquet").equals(first)
-    smaller = driver.collect_demos(load_config([*args, "demos.num_games=2"]), tmp_path / "second")
+    smaller = collect_demos(load_config([*args, "demos.num_games=2"]), tmp_path / "second")
     assert smaller["games"] == 2 and report["games"] == 3  # a subset of the games plays none either
 
     # Another step limit is another store; a store that names something else is refused.

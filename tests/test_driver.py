@@ -1,99 +1,14 @@
-"""The driver end to end on a tiny model, and the eval report."""
+"""The driver end to end on a tiny model: every mode in a process of its own, and its resume."""
 import json
 import subprocess
 import sys
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from omegaconf import OmegaConf
 
-import driver
-import stages
 from configs import REPO_ROOT
-from reports.best_of_n import choice_stats
-from reports.paired import format_paired, load_evaluation, paired
-from rollout_workers import SCHEMA, demonstrated_commands, format_report, reset_steps, summarize
-from rollout_workers.records import StepRecord, write_episode
-
-
-def test_summarize_hand_built_records():
-    def step(ep, task, i, valid, won=False):
-        return dict(game_id=ep, task_type=task, episode_id=f"{ep}#0", step=i, prompt="p", response="r",
-                    action="a", valid=valid, observation="o", reward=float(won), done=won, won=won,
-                    policy_version=0, worker_id=0)
-    rows = [step("g1", "pick", 0, True), step("g1", "pick", 1, False), step("g1", "pick", 2, True, won=True),
-            step("g2", "pick", 0, False), step("g3", "heat", 0, True, won=True)]
-    report = summarize(pa.Table.from_pylist(rows, schema=SCHEMA))
-    assert report["episodes"] == 3 and report["success_rate"] == 2 / 3
-    assert report["per_task_type"] == {"pick": {"episodes": 2, "success_rate": 0.5},
-                                       "heat": {"episodes": 1, "success_rate": 1.0}}
-    assert report["mean_steps"] == 5 / 3 and report["invalid_action_rate"] == 2 / 5
-    assert report["repeated_step_rate"] == 2 / 5  # g1's second and third steps repeat its first
-    assert report["context_rule_restarts"] == 0  # records written before the column read it as null
-    assert report["won_per_game"] == {"g1": [1, 1], "g2": [0, 1], "g3": [1, 1]}
-    text = format_report({**report, "split": "eval_out_of_distribution", "max_steps": 50, "seed": 0})
-    assert "pick" in text and "66.7%" in text and "max_steps 50" in text
-
-
-def test_best_of_n_choice_stats_on_hand_made_steps():
-    def step(action, candidates, samples, scores, admissible=("look", "go to desk 1")):
-        return dict(action=action, candidate_actions=candidates, candidate_samples=samples, candidate_scores=scores,
-                    admissible_commands=list(admissible))
-    steps = [step("look", ["look", "fly"], [15, 1], [0.5, 0.1]),  # the majority
-             step("fly", ["look", "fly"], [15, 1], [0.1, 0.5]),  # one sample, invalid over a valid one
-             step("go to desk 1", ["look", "go to desk 1", "x"], [8, 7, 1], [0.1, 0.6, 0.2]),
-             step("x", ["x", "y"], [8, 8], [0.9, 0.1]),  # a tie counts as the majority; no valid offered
-             step("look", ["look"], [16], None)]  # no choice: not counted
-    stats = choice_stats(steps)
-    assert stats["steps_with_a_choice"] == 4 and stats["mean_candidates"] == 2.25
-    assert stats["played_the_majority"] == 0.5 and stats["played_a_single_sample"] == 0.25
-    assert stats["played_invalid_over_a_valid"] == round(1 / 3, 4)
-    assert choice_stats(steps[-1:]) == {"steps_with_a_choice": 0}
-
-
-def test_paired_comparison_counts_only_the_shared_games_and_gives_the_exact_mcnemar_p(tmp_path):
-    # b wins 9 games a loses, a wins 1 game b loses, both win 5: p = 2 * (C(10,0) + C(10,1)) / 2^10
-    a = {"won_per_game": {**{f"d{i}": [0, 1] for i in range(9)}, "e": [1, 1], **{f"s{i}": [1, 1] for i in range(5)},
-                          "only_in_a": [1, 1]}}
-    b = {"won_per_game": {**{f"d{i}": [1, 1] for i in range(9)}, "e": [0, 1], **{f"s{i}": [1, 1] for i in range(5)}}}
-    result = paired(a, b, ("pi0", "pi1"))
-    assert result["games"] == 15 and (result["a_only"], result["b_only"]) == (1, 9)
-    assert result["a_success"] == 6 / 15 and result["b_success"] == 14 / 15
-    assert result["p_value"] == pytest.approx(22 / 1024)
-    assert paired(a, a)["p_value"] == 1.0  # no discordant game
-    assert "p = 0.0215" in format_paired(result)
-    with pytest.raises(ValueError, match="share no game"):
-        paired(a, {"won_per_game": {"other": [1, 1]}})
-    with pytest.raises(ValueError, match="one per game"):
-        paired(a, {"won_per_game": {"e": [1, 2]}})
-    # An evaluation still running, read from its shards: paired on the games it finished.
-    for game, won in (("d0", True), ("e", False)):
-        write_episode(tmp_path, [StepRecord(
-            game_id=game, task_type="pick", episode_id=f"{game}#0", step=0, task="t", room="r", admissible_commands=[],
-            prompt="p", prompt_ids=[], context_start=True, context_rule=False, response="r", response_ids=[],
-            action="a", valid=True, observation="o", reward=float(won), done=True, won=won, policy_version=0,
-            worker_id=0)])
-    running = paired(a, load_evaluation(tmp_path))
-    assert running["games"] == 2 and (running["a_only"], running["b_only"]) == (1, 1)
-    (tmp_path / "a.json").write_text(json.dumps(a))
-    cli = subprocess.run([sys.executable, "-m", "reports.paired", str(tmp_path / "a.json"), str(tmp_path),
-                          "--names", "pi0", "pi1", "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0 and "2 games: pi0 50.0%, pi1 50.0%" in cli.stdout, cli.stderr
-    assert json.loads((tmp_path / "p.json").read_text()) == {**running, "a": "pi0", "b": "pi1"}
-    assert (tmp_path / "p.png").stat().st_size > 0
-
-
-def run_driver(*args):
-    """The driver in a process of its own; demonstrations go to a store beside the run, not
-    into the user's cache."""
-    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
-    store = [f"demos.store={run_dir}-demonstrations"] if not any(a.startswith("demos.store=") for a in args) else []
-    proc = subprocess.run([sys.executable, "driver.py", *args, *store], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+from tests.conftest import run_driver
+from rollout_workers import SCHEMA, demonstrated_commands, reset_steps
 
 
 def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
@@ -117,36 +32,6 @@ def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
     resumed = json.loads((run_dir / "eval.json").read_text())
     assert resumed["episodes"] == 3
     assert resumed["wall_time_s"] > report["wall_time_s"]  # both runs' playing time
-
-
-def test_a_finished_evaluation_starts_nothing_again(tiny_model, tmp_path, monkeypatch):
-    """Resuming past a finished set of episodes starts no policy server or workers (a vLLM
-    start-up is most of a minute on CPU)."""
-    run_dir = tmp_path / "eval"
-    run_driver(f"run_dir={run_dir}", "mode=eval", f"policy.model={tiny_model}", "eval.num_games=2", "env.max_steps=2",
-               "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2")
-    report = json.loads((run_dir / "eval.json").read_text())
-
-    def start_nothing(*args, **kwargs):
-        raise AssertionError("started servers for a finished set of episodes")
-    monkeypatch.setattr(driver, "play_missing", start_nothing)
-    again = driver.evaluate(OmegaConf.load(run_dir / "config.yaml"), run_dir)
-    assert again["episodes"] == report["episodes"] == 2
-    assert again["success_rate"] == report["success_rate"]
-
-
-def test_stage_clock_stops_when_its_work_ends(tmp_path, monkeypatch):
-    """The total adds this run's time to the saved one and stops at the end of the block: a
-    report read after the servers shut down does not count their shutdown."""
-    now = [100.0]
-    monkeypatch.setattr(stages.time, "monotonic", lambda: now[0])
-    path = tmp_path / "clock.json"
-    path.write_text(json.dumps({"seconds": 5.0}))
-    with stages.stage_clock(path) as elapsed:
-        now[0] += 3.0
-        assert elapsed() == 8.0
-    now[0] += 40.0
-    assert elapsed() == 8.0 and json.loads(path.read_text())["seconds"] == 8.0
 
 
 def test_demos_mode_keeps_the_experts_winning_episodes(tiny_model, tmp_path):
@@ -192,7 +77,7 @@ def test_critic_mode_runs_rollouts_targets_prm_and_best_of_n_and_resumes(tiny_mo
     args = [f"run_dir={run_dir}", "mode=critic", f"policy.model={tiny_model}", "critic.num_games=2",
             "critic.rollouts_per_game=2", "critic.val_fraction=0.4", "env.max_steps=3", "policy.max_new_tokens=6",
             "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2", "prm.batch_size=2",
-            "prm.micro_batch_size=1", "prm.epochs=4", "prm.max_steps=2", "critic.best_of_n=[1,2]",
+            "prm.micro_batch_size=1", "prm.epochs=4", "prm.max_steps=2", "best_of_n.sizes=[1,2]",
             "eval.num_games=1"]
     proc = run_driver(*args)
     critic = run_dir / "critic"
@@ -295,7 +180,7 @@ def test_inverseprm_runs_an_iteration_from_demonstrations_alone(tiny_model, tmp_
         "policy.max_new_tokens=6", "rollout.num_workers=1", "rollout.envs_per_worker=2", "learner.num_workers=2",
         "prm.batch_size=2", "prm.micro_batch_size=1", "prm.epochs=4", "prm.max_steps=2", "dpo.batch_size=2",
         "dpo.micro_batch_size=1", "dpo.max_steps=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0",
-        "dpo.exploration_prompt=Explore.", "eval.num_games=1", "eval.best_of_n=[1,2]")
+        "dpo.exploration_prompt=Explore.", "eval.num_games=1", "best_of_n.sizes=[1,2]")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == "inverseprm" and list(summary["success_rate"]) == [
         "pi0", "BoN-1(pi0,Q0)", "BoN-2(pi0,Q0)", "pi1", "BoN-2(pi1,Q0)"]

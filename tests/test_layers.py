@@ -6,7 +6,7 @@ from pathlib import Path
 from configs import REPO_ROOT
 
 PACKAGES = ["configs", "envs", "agent", "policy_server", "rollout_workers", "learners", "prm_service", "reports",
-            "bench"]
+            "bench", "tests"]
 
 
 def module_name(path: Path) -> str:
@@ -61,3 +61,9 @@ def test_the_project_has_no_import_cycle():
     assert {"configs", "envs.data", "policy_server.models", "driver", "stages"} <= graph.keys()
     assert {"envs.data", "policy_server.models"} <= graph["configs"]  # the config check reads files through them
     assert cycles(graph) == []
+
+
+def test_no_module_imports_the_driver():
+    """The driver wires the stages; what a stage does lives in a package a test or bench imports."""
+    graph = import_graph()
+    assert [module for module, imported in graph.items() if "driver" in imported] == []

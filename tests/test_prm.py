@@ -383,12 +383,11 @@ def test_best_of_n_rollout_with_the_prm_service(ray_local, tiny_model, tiny_prm,
     from policy_server import start_policy_servers
     from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
 
-    cfg = small_cfg(**{"policy.model": tiny_model, "policy.best_of_n": 4, "policy.temperature": 1.0,
-                       "policy.max_new_tokens": 6, "env.max_steps": 3, "rollout.num_workers": 1,
-                       "rollout.envs_per_worker": 2, "prm_service.model": tiny_prm})
+    cfg = small_cfg(**{"policy.model": tiny_model, "policy.max_new_tokens": 6, "env.max_steps": 3,
+                       "rollout.num_workers": 1, "rollout.envs_per_worker": 2})
     policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
     prm = start_prm_servers(cfg.prm_service, tiny_prm)
-    workers = start_rollout_workers(cfg, "llm", tiny_model, policy, prm)
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy, temperature=1.0, prm=prm, best_of_n=4)
     try:
         run_episodes(workers, 2, [EpisodeTask(g, 0, i) for i, g in enumerate(ood_games[:2])], tmp_path)
         (stats,) = prm.stats()

@@ -3,10 +3,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from policy_server import start_policy_servers
-from rollout_workers import EpisodeTask, read_steps, run_episodes, start_rollout_workers
+from rollout_workers import EpisodeTask, format_report, read_steps, run_episodes, start_rollout_workers, summarize
 from rollout_workers.records import SCHEMA
 from tests.conftest import small_cfg
 
@@ -35,9 +36,9 @@ def check_episodes(table, tasks):
 
 def test_two_workers_llm_rollout(ray_local, tiny_model, ood_games, tmp_path):
     cfg = small_cfg(**{"rollout.num_workers": 2, "rollout.envs_per_worker": 2, "env.max_steps": 4,
-                       "policy.max_new_tokens": 8, "policy.temperature": 1.0, "policy.device": "cpu"})
+                       "policy.max_new_tokens": 8, "policy.device": "cpu"})
     policy = start_policy_servers(cfg.policy, tiny_model, seed=0)
-    workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy, temperature=1.0)
     tasks = [EpisodeTask(g, e, seed=100 * i + e) for i, g in enumerate(ood_games[:3]) for e in range(2)]
     assert run_episodes(workers, 2, tasks[:4], tmp_path / "episodes") == 4
     # a second run over the same folder plays only what is missing
@@ -151,3 +152,22 @@ def test_a_lost_node_loses_no_episode(tiny_model, ood_games, tmp_path):
     restarts = next(json.loads(line)["restarts"] for line in done.stdout.splitlines() if line.startswith('{"restarts"'))
     assert restarts == [1, 1]  # both were on the lost node
     check_episodes(read_steps(tmp_path / "episodes"), [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:8])])
+
+
+def test_summarize_hand_built_records():
+    def step(ep, task, i, valid, won=False):
+        return dict(game_id=ep, task_type=task, episode_id=f"{ep}#0", step=i, prompt="p", response="r",
+                    action="a", valid=valid, observation="o", reward=float(won), done=won, won=won,
+                    policy_version=0, worker_id=0)
+    rows = [step("g1", "pick", 0, True), step("g1", "pick", 1, False), step("g1", "pick", 2, True, won=True),
+            step("g2", "pick", 0, False), step("g3", "heat", 0, True, won=True)]
+    report = summarize(pa.Table.from_pylist(rows, schema=SCHEMA))
+    assert report["episodes"] == 3 and report["success_rate"] == 2 / 3
+    assert report["per_task_type"] == {"pick": {"episodes": 2, "success_rate": 0.5},
+                                       "heat": {"episodes": 1, "success_rate": 1.0}}
+    assert report["mean_steps"] == 5 / 3 and report["invalid_action_rate"] == 2 / 5
+    assert report["repeated_step_rate"] == 2 / 5  # g1's second and third steps repeat its first
+    assert report["context_rule_restarts"] == 0  # records written before the column read it as null
+    assert report["won_per_game"] == {"g1": [1, 1], "g2": [0, 1], "g3": [1, 1]}
+    text = format_report({**report, "split": "eval_out_of_distribution", "max_steps": 50, "seed": 0})
+    assert "pick" in text and "66.7%" in text and "max_steps 50" in text

@@ -135,8 +135,8 @@ def test_vllms_weight_sync_client_drives_the_server(policy, tiny_model, alfworld
 
 def test_rollout_records_match_the_transformers_engine_format(policy, tiny_model, ood_games, tmp_path):
     cfg = small_cfg(**{"rollout.num_workers": 1, "rollout.envs_per_worker": 2, "env.max_steps": 3,
-                       "policy.max_new_tokens": 8, "policy.temperature": 1.0})
-    workers = start_rollout_workers(cfg, "llm", tiny_model, policy)
+                       "policy.max_new_tokens": 8})
+    workers = start_rollout_workers(cfg, "llm", tiny_model, policy, temperature=1.0)
     tasks = [EpisodeTask(g, 0, seed=i) for i, g in enumerate(ood_games[:2])]
     assert run_episodes(workers, 2, tasks, tmp_path / "episodes") == 2
     before = policy.stats()[0]
