@@ -8,6 +8,7 @@
     python driver.py mode=eval "best_of_n.sizes=[1,8]" best_of_n.prm=runs/x/critic/prm   # Best-of-N with a PRM
     python driver.py mode=train iterations=2  # AgentPRM: π0 by SFT, then 2 x (rollouts, PRM, online DPO, eval)
     python driver.py mode=train algorithm=inverseprm   # InversePRM: the PRM from demonstrations alone
+    python driver.py mode=serve policy.model=runs/x/iter_1/dpo/policy   # OpenAI-compatible endpoints until stopped
     python driver.py --config configs/other.yaml key=value ...
 
 Without $RAY_ADDRESS it starts a local Ray; under `ray job submit` it joins the cluster.
@@ -20,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -334,7 +337,26 @@ def evaluation(cfg: DictConfig, run_dir: Path) -> dict:
     return evaluate(cfg, Acting(cfg.rollout.agent, cfg.policy.model, cfg.eval.temperature), run_dir)
 
 
-MODES = {"eval": evaluation, "demos": collect_demos, "sft": sft, "critic": critic, "train": train}
+def serve(cfg: DictConfig, run_dir: Path) -> dict:
+    """mode=serve: `policy.replicas` replicas of `policy.model` behind OpenAI-compatible
+    endpoints on loopback (`policy.openai_port`, replica i on port + i; null or 0: free ports),
+    until the process is stopped (Ctrl-C or SIGTERM). The URLs go to run_dir/endpoints.json."""
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    policy = start_policy_servers(cfg.policy, resolve_model(cfg.policy.model), cfg.seed)
+    try:
+        urls = policy.serve_openai(cfg.policy.openai_port or 0)
+        (run_dir / "endpoints.json").write_text(json.dumps({"model": cfg.policy.model, "urls": urls}, indent=2))
+        print(f"serving {cfg.policy.model} at {', '.join(urls)} until stopped (Ctrl-C)", flush=True)
+        stopped.wait()
+    finally:
+        policy.shutdown()
+    print("stopped serving", flush=True)
+    return {"urls": urls}
+
+
+MODES = {"eval": evaluation, "demos": collect_demos, "sft": sft, "critic": critic, "train": train, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

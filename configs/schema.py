@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-MODES = ("eval", "demos", "sft", "critic", "train")
+MODES = ("eval", "demos", "sft", "critic", "train", "serve")
 PROMPT_STATES = ("episode", "window")
 ALGORITHMS = ("agentprm", "inverseprm")
 SPLITS = ("train", "train_held_out", "eval_in_distribution", "eval_out_of_distribution")
@@ -96,7 +96,7 @@ class PolicyConfig:
     batch_wait_ms: float = 5.0  # hf engine: how long a batch waits for more requests once the engine is free
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     # OpenAI-compatible endpoint of each replica on 127.0.0.1 (replica i on port + i);
-    # null = off, 0 = any free port (the driver prints the URLs).
+    # null = off (mode=serve: free ports), 0 = any free port (the driver prints the URLs).
     openai_port: Optional[int] = None
     # The policy's nucleus and the longest action, in every stage that samples from it (each
     # stage's temperature is its own: eval, critic, best_of_n, dpo).
@@ -312,6 +312,7 @@ class RayConfig:
 @dataclass
 class Config:
     # eval | demos | sft (π0) | critic (stages 1-2 of `algorithm` + Best-of-N) | train (the iterative loop)
+    # | serve (the policy behind OpenAI-compatible endpoints until stopped)
     mode: str = "eval"
     seed: int = 0
     # mode=train and mode=critic: agentprm (Monte Carlo Q-targets from the outcome) or

@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 from omegaconf import OmegaConf
 
 from configs import REPO_ROOT
-from tests.conftest import run_driver
 from rollout_workers import SCHEMA, demonstrated_commands, reset_steps
+from tests.conftest import run_driver
 
 
 def test_eval_mode_writes_report_and_resumes(tiny_model, tmp_path):
@@ -213,3 +214,34 @@ def test_inverseprm_runs_an_iteration_from_demonstrations_alone(tiny_model, tmp_
                                       for c in demonstrations.get(s["game_id"], [])[:k])
     assert len(first) == 4 and max(s["step"] for s in first.values()) >= 1
     assert "expert and" in proc.stdout and (run_dir / "success.png").is_file()
+
+
+def test_serve_mode_answers_an_openai_client_until_stopped(tiny_model, tmp_path):
+    import queue
+    import signal
+    import threading
+
+    import openai
+
+    run_dir = tmp_path / "serve"
+    server = subprocess.Popen([sys.executable, "driver.py", "mode=serve", f"run_dir={run_dir}",
+                               f"policy.model={tiny_model}"], cwd=REPO_ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in server.stdout], daemon=True).start()
+    try:
+        while not (line := lines.get(timeout=300)).startswith("serving "):
+            assert server.poll() is None, f"the server ended: {line}"
+        (url,) = json.loads((run_dir / "endpoints.json").read_text())["urls"]
+        assert url in line
+        client = openai.OpenAI(base_url=url, api_key="unused")
+        assert [m.id for m in client.models.list().data] == [tiny_model]  # served under policy.model
+        chat = client.chat.completions.create(model=tiny_model, max_tokens=6, temperature=0,
+                                              messages=[{"role": "user", "content": "Your task is to: look."}])
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        assert server.wait(timeout=120) == 0
+    finally:
+        server.kill()
+    with pytest.raises(openai.APIConnectionError):
+        client.with_options(max_retries=0, timeout=10).models.list()
