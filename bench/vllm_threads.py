@@ -1,6 +1,6 @@
 """Best-of-N sampling with vLLM on CPU: how many engine threads, on an evaluation's own states.
 
-    .venv-vllm/bin/python -m bench.vllm_threads EPISODES_DIR POLICY_FOLDER [--variants auto 1 2]
+    .venv/bin/python -m bench.vllm_threads EPISODES_DIR POLICY_FOLDER [--variants auto 1 2]
         [--prompts 8] [--n 16] [--max-tokens 48] [--temperature 0.7] [--repeats 2]
 
 The prompts are states a policy saw in an evaluation (the `prompt_ids` of its step records in

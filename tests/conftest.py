@@ -60,7 +60,8 @@ def small_cfg(**overrides):
     from configs.schema import Config
 
     cfg = OmegaConf.structured(Config)
-    cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    # The transformers engine unless a test asks for vLLM: tests/test_vllm.py runs that one.
+    cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in {"policy.engine": "hf", **overrides}.items()]))
     return cfg
 
 
@@ -111,8 +112,11 @@ def run_driver(*args):
     """The driver in a process of its own; demonstrations go to a store beside the run, not
     into the user's cache."""
     run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
-    store = [f"demos.store={run_dir}-demonstrations"] if not any(a.startswith("demos.store=") for a in args) else []
-    proc = subprocess.run([sys.executable, "driver.py", *args, *store], cwd=REPO_ROOT, capture_output=True,
+    defaults = {"demos.store": f"{run_dir}-demonstrations",  # beside the run
+                "policy.engine": "hf"}  # the tests' reference engine; tests/test_vllm.py runs vLLM's
+    given = {a.split("=", 1)[0] for a in args}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given]
+    proc = subprocess.run([sys.executable, "driver.py", *args, *extra], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

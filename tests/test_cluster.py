@@ -88,7 +88,7 @@ def test_ray_job_submit_runs_the_driver(tiny_model, tmp_path):
         submit = [f"{bin_dir}/ray", "job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--working-dir",
                   ".", "--", "python", "driver.py", "mode=eval", f"run_dir={run_dir}", f"policy.model={tiny_model}",
                   f"data.archive={(REPO_ROOT / archive).resolve()}", "eval.num_games=2", "env.max_steps=2",
-                  "policy.max_new_tokens=4", "rollout.num_workers=1", "rollout.envs_per_worker=2"]
+                  "policy.max_new_tokens=4", "rollout.num_workers=1", "rollout.envs_per_worker=2", "policy.engine=hf"]
         for _ in range(30):  # the head's job agent registers a little after the dashboard answers
             job = subprocess.run(submit, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
             if "No available agent" not in job.stderr:

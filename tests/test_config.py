@@ -32,7 +32,7 @@ def test_defaults_and_overrides(tmp_path):
     (["eval.num_games=0"], "eval.num_games must be at least 1"),
     (["numworkers"], "unexpected argument 'numworkers'"),
     (["--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
-    (["policy.engine=sglang"], "policy.engine='sglang' is not one of hf, vllm"),
+    (["policy.engine=sglang"], "policy.engine='sglang' is not one of auto, hf, vllm"),
     (["policy.vllm.weight_transfer=rdma"], "policy.vllm.weight_transfer='rdma' is not one of local_file, nccl"),
     (["mode=train", "policy.engine=vllm", "policy.vllm.weight_transfer=nccl"],
      "policy.vllm.weight_transfer=nccl is for trainers outside this project"),
@@ -64,10 +64,12 @@ def test_bad_config_is_one_clear_line(args, message):
     assert message in text and "\n" not in text
 
 
-def test_vllm_engine_needs_vllm_installed():
+def test_the_engine_is_vllm_where_installed_and_needs_it():
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is not None:
+    installed = importlib.util.find_spec("vllm") is not None
+    assert load_config([]).policy.engine == ("vllm" if installed else "hf")  # auto: vLLM wherever it is installed
+    if installed:
         assert load_config(["policy.engine=vllm"]).policy.engine == "vllm"
     else:
         with pytest.raises(ConfigError, match="policy.engine=vllm needs vLLM in this environment"):

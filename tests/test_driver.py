@@ -118,7 +118,7 @@ def test_train_mode_iterates_and_resumes_where_stage_3_crashed(tiny_model, tmp_p
             "prm.batch_size=2", "prm.micro_batch_size=1", "prm.max_steps=2",
             "dpo.batch_size=2", "dpo.micro_batch_size=1", "dpo.max_steps=4", "dpo.epochs=100", "dpo.checkpoint_every=2",
             "dpo.push_every=2", "dpo.max_new_tokens=6", "dpo.temperature=1.0", "eval.num_games=1",
-            "dpo.monitor_games=1", "dpo.monitor_every=2"]
+            "dpo.monitor_games=1", "dpo.monitor_every=2", "policy.engine=hf"]
     crashed = subprocess.run([sys.executable, "driver.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=900)
     assert crashed.returncode != 0 and "injected failure at step 3" in crashed.stdout + crashed.stderr
@@ -225,7 +225,7 @@ def test_serve_mode_answers_an_openai_client_until_stopped(tiny_model, tmp_path)
 
     run_dir = tmp_path / "serve"
     server = subprocess.Popen([sys.executable, "driver.py", "mode=serve", f"run_dir={run_dir}",
-                               f"policy.model={tiny_model}"], cwd=REPO_ROOT, text=True,
+                               f"policy.model={tiny_model}", "policy.engine=hf"], cwd=REPO_ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in server.stdout], daemon=True).start()

