@@ -6,6 +6,8 @@ Games are filtered exactly as alfworld's AlfredTWEnv does, and returned sorted.
 
 An archive is unpacked into a cache folder named after its content (sha256): another
 archive, or a changed one, gets a folder of its own and is never read from an old one.
+Without $ALFWORLD_DATA and without the archive, set-up (`python -m envs.data --prepare`) runs
+`alfworld-download` into <cache>/alfworld-download, where every later run finds the games.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import zlib
@@ -50,19 +53,33 @@ class Game:
     task_type: str  # one of TASK_TYPES' short names
 
 
+def downloaded_root() -> Path:
+    """Where set-up downloads the games when there is neither $ALFWORLD_DATA nor the archive."""
+    return cache_dir() / "alfworld-download"
+
+
+def archive_file(archive: str) -> Path:
+    """`data.archive` as a path (relative ones from the repository's root)."""
+    return Path(archive) if Path(archive).is_absolute() else REPO_ROOT / archive
+
+
 def resolve_data_root(archive: str, check_only: bool = False) -> Path:
     """The ALFWorld data folder: $ALFWORLD_DATA, else the archive unpacked once into the cache
-    (`alfworld-data-<first 16 hex digits of the archive's sha256>`)."""
+    (`alfworld-data-<first 16 hex digits of the archive's sha256>`), else the games set-up
+    downloaded (`downloaded_root`)."""
     if os.environ.get("ALFWORLD_DATA"):
         root = Path(os.environ["ALFWORLD_DATA"]).expanduser()
         if not (root / "json_2.1.1").is_dir():
             raise DataError(f"ALFWORLD_DATA={root} has no json_2.1.1/ folder: run `alfworld-download` or unset it")
         return root
-    archive_path = Path(archive) if Path(archive).is_absolute() else REPO_ROOT / archive
+    archive_path = archive_file(archive)
     if not archive_path.is_file():
+        if (downloaded_root() / "json_2.1.1").is_dir():
+            return downloaded_root()
         raise DataError(
-            f"no ALFWorld games: set $ALFWORLD_DATA (fill it with `alfworld-download`) "
-            f"or point data.archive at the games archive (not found: {archive_path})"
+            f"no ALFWorld games: set $ALFWORLD_DATA (fill it with `alfworld-download`), point data.archive "
+            f"at the games archive (not found: {archive_path}), or run scripts/setup.sh on a connected machine "
+            f"(it downloads them)"
         )
     root = cache_dir() / f"alfworld-data-{archive_digest(archive_path)[:16]}"
     if (root / "json_2.1.1").is_dir() or check_only:
@@ -88,6 +105,39 @@ def resolve_data_root(archive: str, check_only: bool = False) -> Path:
             raise
     shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def prepare(archive: str) -> Path:
+    """Set-up's step: the games on disk. With neither $ALFWORLD_DATA nor the archive, nor an
+    earlier download, `alfworld-download` fills `downloaded_root()` first (a connected machine)."""
+    if not (os.environ.get("ALFWORLD_DATA") or archive_file(archive).is_file()
+            or (downloaded_root() / "json_2.1.1").is_dir()):
+        download_games(downloaded_root())
+    return resolve_data_root(archive)
+
+
+def alfworld_download_command() -> list[str]:
+    """alfworld's downloader, from this Python's environment (alfworld installs it there)."""
+    beside = Path(sys.executable).parent / "alfworld-download"
+    return [str(beside) if beside.is_file() else "alfworld-download"]
+
+
+def download_games(dest: Path) -> None:
+    """`alfworld-download` into `dest`, through a partial folder: an interrupted download
+    leaves no folder that looks complete."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted download left
+    print(f"alfworld: no games on this machine; downloading them into {dest} (alfworld-download)", flush=True)
+    try:
+        done = subprocess.run([*alfworld_download_command(), "--data-dir", str(tmp)], timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"alfworld-download did not run ({type(e).__name__}: {e}): set $ALFWORLD_DATA or "
+                        "data.archive instead") from None
+    if done.returncode != 0 or not (tmp / "json_2.1.1").is_dir():
+        raise DataError(f"alfworld-download failed (exit {done.returncode}; no json_2.1.1/ in {tmp}): "
+                        "set $ALFWORLD_DATA or data.archive instead")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def data_fingerprint(root: Path) -> str:
@@ -159,6 +209,6 @@ if __name__ == "__main__":
 
     if sys.argv[1:] != ["--prepare"]:
         sys.exit("usage: python -m envs.data --prepare")
-    data_root = resolve_data_root(DataConfig().archive)
+    data_root = prepare(DataConfig().archive)
     for name in SPLIT_DIRS:
         print(f"alfworld {name}: {len(list_games(name, data_root))} games in {data_root}")

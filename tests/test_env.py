@@ -1,5 +1,6 @@
 """The ALFWorld adapter on real games."""
 import random
+import shutil
 import sys
 from collections import Counter
 
@@ -137,3 +138,30 @@ def test_the_unpacked_games_are_tied_to_their_archive(data_root, tmp_path, monke
     with pytest.raises(DataError, match="cannot be unpacked"):
         resolve_data_root(str(tmp_path / "bad.tar.xz"))
     assert not list((tmp_path / "cache").glob("*.partial*"))  # nothing half-unpacked is left
+
+
+def test_set_up_downloads_the_games_when_there_are_none(data_root, tmp_path, monkeypatch):
+    """Without $ALFWORLD_DATA and without the archive, set-up runs alfworld-download into the
+    cache, and later runs find the games there. The downloader here is a stand-in that writes
+    alfworld-download's layout (this machine cannot reach the internet)."""
+    from envs import data
+
+    monkeypatch.setenv("AGENTPRM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    games = small_archive(data_root, tmp_path / "games.tar.xz", 1)
+    downloader = tmp_path / "alfworld-download"
+    downloader.write_text('#!/bin/sh\n[ "$1" = --data-dir ] || exit 2\n'
+                          f'mkdir -p "$2" && tar -xJf {games} -C "$2" --strip-components=1\n')
+    downloader.chmod(0o755)
+    monkeypatch.setattr(data, "alfworld_download_command", lambda: [str(downloader)])
+    missing = str(tmp_path / "no-such-archive.tar.xz")
+    with pytest.raises(DataError, match="run scripts/setup.sh on a connected machine"):
+        data.resolve_data_root(missing)
+    root = data.prepare(missing)
+    assert root == data.downloaded_root() and len(list_games("train", root)) == 1
+    assert data.resolve_data_root(missing) == root  # later runs find them, without downloading
+    downloader.write_text("#!/bin/sh\nexit 1\n")  # a download that fails
+    shutil.rmtree(root)
+    with pytest.raises(DataError, match="alfworld-download failed"):
+        data.prepare(missing)
+    assert not (root / "json_2.1.1").exists()
