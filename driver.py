@@ -42,18 +42,18 @@ from omegaconf import DictConfig  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, pick_games, resolve_data_root  # noqa: E402
-from learners import (build_dataset, build_transitions, sample_next_actions, states_of, train_dpo,  # noqa: E402
-                      train_inverse_prm, train_prm, train_sft, without_outcome)
+from learners import (RewardHackingMonitor, build_dataset, build_transitions, sample_next_actions,  # noqa: E402
+                      states_of, train_dpo, train_inverse_prm, train_prm, train_sft, without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
-from policy_server.replicas import unrecoverable  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
                      plot_target_histogram)
 from reports.paired import paired  # noqa: E402
-from rollout_workers import (Acting, RewardHackingMonitor, demonstrated_commands, episode_tasks, evaluate,  # noqa: E402
+from rollout_workers import (Acting, demonstrated_commands, episode_tasks, evaluate,  # noqa: E402
                              format_report, start_rollout_workers)
 from rollout_workers.demonstrations import collect_demos  # noqa: E402
 from rollout_workers.play import play  # noqa: E402
+from serving.replicas import unrecoverable  # noqa: E402
 from stages import stage, stage_walls  # noqa: E402
 
 

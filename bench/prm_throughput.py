@@ -32,8 +32,9 @@ import torch  # noqa: E402
 from bench import machine  # noqa: E402
 from configs import REPO_ROOT  # noqa: E402
 from learners.qtargets import state_ids  # noqa: E402
+from models.prm import load_prm  # noqa: E402
 from policy_server import resolve_model  # noqa: E402
-from prm_service import PRMScorer, ScoreRequest, load_prm  # noqa: E402
+from prm_service import PRMScorer, ScoreRequest  # noqa: E402
 from rollout_workers.records import episodes_in_order, read_steps  # noqa: E402
 
 

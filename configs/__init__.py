@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from configs.schema import (AGENTS, ALGORITHMS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES,
                             PRM_LOSSES, PROMPT_STATES, SPLITS, WEIGHT_TRANSFERS, Config)
 
-from configs.paths import REPO_ROOT, cache_dir
+from paths import REPO_ROOT, cache_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"

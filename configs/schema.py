@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from paths import GAMES_ARCHIVE
+
 MODES = ("eval", "demos", "sft", "critic", "train", "serve")
 PROMPT_STATES = ("episode", "window")
 ALGORITHMS = ("agentprm", "inverseprm")
@@ -29,7 +31,7 @@ class DataConfig:
     # repository root) is unpacked once into the cache folder, in a folder of its own.
     # Splits: train (3,553 games), train_held_out (200 train-distribution games ALFWorld
     # calls valid_train), eval_in_distribution (140), eval_out_of_distribution (134).
-    archive: str = "../shared/alfworld/alfworld-data-json_2.1.1-full.tar.xz"
+    archive: str = GAMES_ARCHIVE
 
 
 @dataclass

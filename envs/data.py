@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.paths import REPO_ROOT, cache_dir
+from paths import GAMES_ARCHIVE, REPO_ROOT, cache_dir
 
 SPLIT_DIRS = {
     "train": "train",  # the paper's training games (3,553 in the full data set)
@@ -205,10 +205,8 @@ def pick_games(games: list[Game], num_games: int | None) -> list[Game]:
 
 if __name__ == "__main__":
     # `python -m envs.data --prepare`: unpack the games once and print the split sizes.
-    from configs.schema import DataConfig
-
     if sys.argv[1:] != ["--prepare"]:
         sys.exit("usage: python -m envs.data --prepare")
-    data_root = prepare(DataConfig().archive)
+    data_root = prepare(GAMES_ARCHIVE)
     for name in SPLIT_DIRS:
         print(f"alfworld {name}: {len(list_games(name, data_root))} games in {data_root}")

@@ -11,10 +11,12 @@
 data (Monte Carlo Q-targets, preference pairs), `inverse.py` also InversePRM's (expert vs policy
 transitions); `trainer.py` the Ray Train job, step loop, checkpoints and
 metrics shared by the recipes; `engines.py` the DeepSpeed and DDP engines; `data.py`
-tokenization and loss masks.
+tokenization and loss masks; `monitor.py` the reward-hacking monitor that watches DPO's
+policy versions.
 """
 from learners.data import IGNORE, TokenizedExample, episode_sequences, pack
 from learners.dpo import train_dpo
+from learners.monitor import RewardHackingMonitor
 from learners.inverse import build_transitions, sample_next_actions, train_inverse_prm, without_outcome
 from learners.prm import train_prm
 from learners.qtargets import build_dataset, states_of
@@ -22,4 +24,4 @@ from learners.sft import train_sft
 
 __all__ = ["train_sft", "train_prm", "train_dpo", "build_dataset", "build_transitions", "sample_next_actions",
            "train_inverse_prm", "without_outcome", "states_of", "TokenizedExample", "IGNORE",
-           "episode_sequences", "pack"]
+           "episode_sequences", "pack", "RewardHackingMonitor"]

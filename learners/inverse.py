@@ -47,9 +47,8 @@ from agent.tree import branch_ends, tree_row
 from learners.prm import gather_scores, weighted_auc
 from learners.qtargets import split_games, state_ids, state_key
 from learners.trainer import build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps, worker_share
+from models.prm import head_scores, load_prm
 from policy_server import SamplingParams
-from prm_service import load_prm
-from prm_service.scorer import head_scores
 from rollout_workers.records import episodes_in_order
 
 # What InversePRM may read of a step record: no `won`, `reward` or `done`.

@@ -37,8 +37,7 @@ from agent.tree import tree_row
 from learners.qtargets import distinct_state_actions, state_ids
 from learners.trainer import (build_engine, count_steps, export_hf, init_worker, run_recipe, train_steps,
                               worker_share)
-from prm_service import load_prm
-from prm_service.scorer import head_scores, turn_scores
+from models.prm import head_scores, load_prm, turn_scores
 from rollout_workers.records import episodes_in_order
 
 

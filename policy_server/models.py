@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from configs.paths import cache_dir
+from paths import cache_dir
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

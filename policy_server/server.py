@@ -6,7 +6,7 @@ overlaps with other environments stepping their games. Each result carries the p
 version of the weights that produced it: a weight update waits for in-flight requests, holds
 new ones, loads, and bumps the version. A replica whose weight load failed refuses requests
 (its model may be half-loaded) instead of serving them. A replica that Ray restarted after
-its process died loads the latest pushed weights before it answers (policy_server/replicas.py).
+its process died loads the latest pushed weights before it answers (serving/replicas.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import ray
 import torch
 
 from policy_server.engine import Generation, InferenceEngine, Prompt, SamplingParams, per_prompt
-from policy_server.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
+from serving.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
 
 
 @dataclass
@@ -34,7 +34,7 @@ def engine_threads(policy_cfg: dict) -> int:
 
 def make_engine(model_path: str, engine: str, policy_cfg: dict, seed: int) -> InferenceEngine:
     """The configured engine (`policy.engine`); vLLM is imported only when asked for."""
-    from policy_server.hf_engine import pick_device, pick_dtype
+    from serving.devices import pick_device, pick_dtype
 
     device = pick_device(policy_cfg["device"] if engine == "hf" else "auto")  # vLLM: its build decides
     if engine == "vllm" and device.type == "cuda" and policy_cfg["dtype"] == "auto":

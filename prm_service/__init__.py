@@ -4,11 +4,10 @@
     result = await prm.score(prompt, [response_1, response_2])         # ScoreResult(scores, prm_version)
     prm.load("runs/x/critic/prm-2", version=2)                         # a newer checkpoint, in place
 
-`scorer.py` holds the model side (loading a PRM folder, scoring with a shared prompt);
+`scorer.py` holds the scoring (a shared prompt, cached states; the model: models/prm.py);
 `server.py` the actors, dynamic batching and the client.
 """
-from prm_service.scorer import PRMScorer, ScoreRequest, last_token_scores, load_prm, pad_right
+from prm_service.scorer import PRMScorer, ScoreRequest
 from prm_service.server import PRMClient, PRMServer, ScoreResult, start_prm_servers
 
-__all__ = ["PRMScorer", "ScoreRequest", "load_prm", "last_token_scores", "pad_right", "PRMClient", "PRMServer",
-           "ScoreResult", "start_prm_servers"]
+__all__ = ["PRMScorer", "ScoreRequest", "PRMClient", "PRMServer", "ScoreResult", "start_prm_servers"]

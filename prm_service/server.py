@@ -6,7 +6,7 @@ one prompt at a time; each replica merges concurrent requests into one batch (up
 distinct prompt once. A newer PRM checkpoint replaces the weights in place, between
 batches, and every score carries the PRM version that produced it. A replica that Ray
 restarted after its process died loads the latest checkpoint before it scores anything
-(policy_server/replicas.py); one whose load failed refuses requests rather than score with
+(serving/replicas.py); one whose load failed refuses requests rather than score with
 older (or half-loaded) weights.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import ray
 import torch
 
-from policy_server.batching import DynamicBatcher
-from policy_server.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
+from serving.batching import DynamicBatcher
+from serving.replicas import CatchUp, Replicas, ReplicaUnusable, replica_options, start_latest_version
 from prm_service.scorer import PRMScorer, ScoreRequest
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from agent.episode import ChatFormat, replay
-from configs.paths import cache_dir
+from paths import cache_dir
 from envs.data import DataError, data_fingerprint, resolve_data_root
 from policy_server import resolve_model
 from rollout_workers.evaluation import format_report

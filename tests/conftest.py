@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from configs.paths import REPO_ROOT  # noqa: E402
+from paths import REPO_ROOT  # noqa: E402
 from envs import list_games, resolve_data_root  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -73,7 +73,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_prm(tiny_model, tmp_path_factory) -> str:
     """The tiny policy's backbone with a fresh scalar head, saved as a PRM folder."""
-    from prm_service import load_prm
+    from models.prm import load_prm
 
     model, tokenizer = load_prm(tiny_model, new_head=True)
     folder = tmp_path_factory.mktemp("tiny-prm")

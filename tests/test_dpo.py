@@ -195,7 +195,8 @@ def test_reward_hacking_monitor_measures_prm_score_and_success_per_version(ray_l
                                                                            ood_games, tmp_path):
     from policy_server import SamplingParams, start_policy_servers
     from prm_service import start_prm_servers
-    from rollout_workers import EpisodeTask, RewardHackingMonitor, start_rollout_workers
+    from learners import RewardHackingMonitor
+    from rollout_workers import EpisodeTask, start_rollout_workers
     from tests.conftest import small_cfg
 
     cfg = small_cfg(**{"policy.model": tiny_model, "policy.max_new_tokens": 6, "env.max_steps": 3,

@@ -86,8 +86,7 @@ def test_no_outcome_reward_reaches_inverse_prm(tmp_path):
 def test_inverse_prm_rewards_from_one_pass_equal_the_per_transition_form(tiny_prm):
     """Q(s, a) and Q(s', a') of every kept transition, the expert's a' as a branch, from one
     pass over the episode: the same as each (state, action) scored as its own sequence."""
-    from prm_service import load_prm
-    from prm_service.scorer import last_token_scores
+    from models.prm import last_token_scores, load_prm
 
     expert = without_outcome(table(episode("e/0", 0, ["x0", "x1", "x2"], ["go", "take", "put"], won=True)))
     policy = without_outcome(table(episode("p/0", 0, ["y0", "y1", "y2"], ["look", "go", "look"], won=False)))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from configs import REPO_ROOT
 
-PACKAGES = ["configs", "envs", "agent", "policy_server", "rollout_workers", "learners", "prm_service", "reports",
+PACKAGES = ["configs", "envs", "agent", "policy_server", "serving", "models", "rollout_workers", "learners", "prm_service", "reports",
             "bench", "tests"]
 
 
@@ -18,7 +18,7 @@ def import_graph() -> dict[str, set[str]]:
     """Module -> the project modules it imports (`from package import submodule` counts as
     the submodule)."""
     files = [p for package in PACKAGES for p in (REPO_ROOT / package).rglob("*.py")]
-    files += [REPO_ROOT / "driver.py", REPO_ROOT / "stages.py"]
+    files += [REPO_ROOT / "driver.py", REPO_ROOT / "stages.py", REPO_ROOT / "paths.py"]
     modules = {module_name(p): p for p in files}
     graph = {}
     for name, path in modules.items():
@@ -29,7 +29,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
                 imported |= submodules if len(submodules) == len(node.names) else submodules | {node.module}
-        graph[name] = {m for m in imported if m in modules and m != name}
+        # Importing a.b runs a/__init__.py first: a package's own imports count too.
+        imported |= {".".join(m.split(".")[:i]) for m in imported for i in range(1, m.count(".") + 1)}
+        graph[name] = {m for m in imported if m in modules and m != name and not name.startswith(m + ".")}
     return graph
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_server import PolicyClient, SamplingParams, start_policy_servers
-from policy_server.hf_engine import HFEngine, cpu_computes_bf16, pick_dtype
+from policy_server.hf_engine import HFEngine
 from tests.conftest import small_cfg
 
 PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\n<|im_start|>assistant\n",
@@ -19,17 +19,6 @@ PROMPTS = ["<|im_start|>user\nYour task is to: put a mug in the sink.<|im_end|>\
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     return HFEngine(tiny_model, device="cpu", seed=0)
-
-
-def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch):
-    assert cpu_computes_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
-    assert cpu_computes_bf16("flags : fpu avx2 amx_bf16 amx_tile")
-    assert not cpu_computes_bf16("flags : fpu avx2 avx512f avx512_vnni")
-    monkeypatch.setattr("policy_server.hf_engine.cpu_computes_bf16", lambda: False)
-    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr("policy_server.hf_engine.cpu_computes_bf16", lambda: True)
-    assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def test_greedy_matches_transformers_generate(engine, tiny_model):
@@ -113,29 +102,6 @@ def test_load_weights_changes_generations(tiny_model, tmp_path):
 def start_server(tiny_model, replicas=1, **overrides) -> PolicyClient:
     cfg = small_cfg(**{"policy.device": "cpu", "policy.dtype": "float32", "policy.replicas": replicas, **overrides})
     return start_policy_servers(cfg.policy, tiny_model, seed=0)
-
-
-def test_batches_stay_within_max_size():
-    """Requests of 3 units, at most 7 per batch: pairs of requests, and the odd one alone."""
-    import asyncio
-
-    from policy_server.batching import DynamicBatcher
-
-    batches = []
-
-    def run_batch(items):
-        batches.append(items)
-        return [f"{item}!" for item in items]
-
-    async def submit_all():
-        batcher = DynamicBatcher(run_batch, max_size=7, max_wait_s=0.05, size=lambda item: 3)
-        try:
-            return await asyncio.gather(*(batcher.submit(i) for i in range(5)))
-        finally:
-            batcher.shutdown()
-
-    assert asyncio.run(submit_all()) == [f"{i}!" for i in range(5)]
-    assert sorted(batches) == [[0, 1], [2, 3], [4]]
 
 
 def test_server_batches_concurrent_requests(ray_local, tiny_model):
@@ -230,7 +196,7 @@ def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_
     Its OpenAI endpoint comes back with it; after weights it was streamed (not kept) it refuses."""
     import openai
 
-    from policy_server.replicas import unrecoverable
+    from serving.replicas import unrecoverable
     from tests.conftest import build_tiny_model
 
     policy = start_server(tiny_model, **{"policy.openai_port": 0})
@@ -267,7 +233,7 @@ def test_a_killed_replica_comes_back_serving_the_latest_weights(ray_local, tiny_
 
 def test_a_replica_out_of_restarts_fails_its_requests(ray_local, tiny_model):
     """...with an error the driver reports in one line naming the actor."""
-    from policy_server.replicas import unrecoverable
+    from serving.replicas import unrecoverable
 
     policy = start_server(tiny_model, **{"policy.max_restarts": 0})
     pid = replica_pid(policy.servers[0])

@@ -17,12 +17,12 @@ from learners import build_dataset, train_prm
 from learners.prm import (EpisodeSequence, StatePair, absolute_loss, pair_scores, relative_loss,
                           weighted_auc)
 from learners.qtargets import distinct_state_actions, preference_pairs, q_targets, split_games, state_ids
+from models.prm import last_token_scores, load_prm, turn_scores
 from policy_server import Generation
-from policy_server.replicas import unrecoverable
-from prm_service import PRMScorer, ScoreRequest, last_token_scores, load_prm, start_prm_servers
-from prm_service.scorer import turn_scores
+from prm_service import PRMScorer, ScoreRequest, start_prm_servers
 from rollout_workers import SCHEMA, StepRecord
 from rollout_workers.worker import RolloutWorker
+from serving.replicas import unrecoverable
 from tests.conftest import small_cfg
 
 PROMPT = "<|im_start|>user\nYour task is to: put a clean mug in coffeemachine.<|im_end|>\n<|im_start|>assistant\n"

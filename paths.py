@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent
+# ALFWorld's full data set as one archive, relative to REPO_ROOT (data.archive's default).
+GAMES_ARCHIVE = "../shared/alfworld/alfworld-data-json_2.1.1-full.tar.xz"
 
 
 def cache_dir() -> Path:
