@@ -10,8 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import (AGENTS, ALGORITHMS, DEVICES, DISCOUNTS, DTYPES, ENGINES, LEARNER_BACKENDS, MODES,
-                            PRM_LOSSES, PROMPT_STATES, SPLITS, WEIGHT_TRANSFERS, Config)
+from configs.schema import Config, Engine
 
 from paths import REPO_ROOT, cache_dir
 
@@ -50,7 +49,7 @@ def load_config(argv: list[str]) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     if cfg.policy.engine == "auto":
-        cfg.policy.engine = "vllm" if vllm_installed() else "hf"
+        cfg.policy.engine = Engine.vllm if vllm_installed() else Engine.hf
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -75,21 +74,10 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(f"config: {msg}")
 
 
-def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
 def validate(cfg: DictConfig) -> None:
-    """Values the type system cannot catch: choices, ranges, files that must exist."""
-    _one_of(cfg.mode, MODES, "mode")
-    _one_of(cfg.algorithm, ALGORITHMS, "algorithm")
+    """Values the type system cannot catch (the choices are enums: configs.schema): ranges,
+    combinations, files that must exist."""
     _check(cfg.iterations >= 1, "iterations must be at least 1")
-    _one_of(cfg.eval.split, SPLITS, "eval.split")
-    _one_of(cfg.demos.split, SPLITS, "demos.split")
-    _one_of(cfg.rollout.agent, AGENTS, "rollout.agent")
-    _one_of(cfg.policy.engine, ENGINES, "policy.engine")
-    _one_of(cfg.policy.device, DEVICES, "policy.device")
-    _one_of(cfg.policy.dtype, DTYPES, "policy.dtype")
     for key in ("rollout.num_workers", "rollout.envs_per_worker", "policy.replicas",
                 "policy.max_batch_size", "policy.max_new_tokens", "env.max_steps",
                 "eval.episodes_per_game"):
@@ -101,7 +89,6 @@ def validate(cfg: DictConfig) -> None:
         n = OmegaConf.select(cfg, key)
         _check(n is None or n >= 1, f"{key} must be at least 1 (or null for all games)")
     _check(cfg.prompt.history_turns >= 0, "prompt.history_turns must be >= 0")
-    _one_of(cfg.prompt.state, PROMPT_STATES, "prompt.state")
     _check(cfg.prompt.max_context_tokens > 2 * cfg.policy.max_new_tokens,
            "prompt.max_context_tokens must be more than twice policy.max_new_tokens")
     if cfg.policy.engine == "vllm":
@@ -139,8 +126,6 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_learner(cfg: DictConfig) -> None:
     learner = cfg.learner
-    _one_of(learner.backend, LEARNER_BACKENDS, "learner.backend")
-    _one_of(learner.dtype, ("float32", "bfloat16"), "learner.dtype")
     _check(learner.backend == "deepspeed" or learner.dtype == "float32", "learner.backend=ddp trains in float32 only")
     _check(not learner.autocast_bf16 or learner.dtype == "float32",
            "learner.autocast_bf16 keeps float32 weights: it needs learner.dtype=float32")
@@ -158,10 +143,7 @@ def _check_learner(cfg: DictConfig) -> None:
            f"({cfg.dpo.push_every}): a resumed DPO serves its checkpoint's weights as the version they were pushed as")
     _check(cfg.dpo.monitor_games >= 0 and cfg.dpo.monitor_states >= 0 and cfg.dpo.monitor_every >= 1,
            "dpo.monitor_games and dpo.monitor_states must be >= 0, dpo.monitor_every at least 1")
-    for split in cfg.sft.eval_splits:
-        _one_of(split, SPLITS, "sft.eval_splits")
     _check(cfg.sft.demos is None or Path(cfg.sft.demos).is_file(), f"sft.demos: no file {cfg.sft.demos}")
-    _one_of(cfg.prm.loss, PRM_LOSSES, "prm.loss")
 
 
 def _check_training(cfg: DictConfig, section: str) -> None:
@@ -179,8 +161,6 @@ def _check_training(cfg: DictConfig, section: str) -> None:
 
 def _check_critic(cfg: DictConfig) -> None:
     critic = cfg.critic
-    _one_of(critic.split, SPLITS, "critic.split")
-    _one_of(critic.discount, DISCOUNTS, "critic.discount")
     _check(critic.num_games is None or critic.num_games >= 1, "critic.num_games must be at least 1 (or null)")
     _check(critic.rollouts_per_game >= 1, "critic.rollouts_per_game must be at least 1")
     _check(0 < critic.gamma <= 1, "critic.gamma must be in (0, 1]")
@@ -199,8 +179,6 @@ def _check_critic(cfg: DictConfig) -> None:
 
 
 def _check_prm_service(service: DictConfig) -> None:
-    _one_of(service.device, DEVICES, "prm_service.device")
-    _one_of(service.dtype, DTYPES, "prm_service.dtype")
     for key in ("replicas", "max_batch_size"):
         _check(service[key] >= 1, f"prm_service.{key} must be at least 1")
     for key in ("num_cpus", "num_gpus", "max_wait_ms"):
@@ -232,7 +210,6 @@ def _check_prm_folder(folder: str) -> None:
 
 
 def _check_vllm(policy: DictConfig, mode: str) -> None:
-    _one_of(policy.vllm.weight_transfer, WEIGHT_TRANSFERS, "policy.vllm.weight_transfer")
     _check(mode != "train" or policy.engine != "vllm" or policy.vllm.weight_transfer == "local_file",
            "policy.vllm.weight_transfer=nccl is for trainers outside this project (vLLM's sync client); "
            "mode=train's DPO learner pushes weights through the policy server: use local_file")

