@@ -276,41 +276,54 @@ def critic(cfg: DictConfig, run_dir: Path) -> dict:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """AgentPRM or InversePRM (`algorithm`): π0 (`init_policy`, else SFT in this run), then
-    `iterations` times: stage 1 (rollouts -> Q-targets, or -> expert vs policy transitions),
-    stage 2 (the PRM Q_{i-1}), with `best_of_n.sizes` Best-of-N(π_{i-1}, Q_{i-1}) for each N,
-    stage 3 (online DPO against it -> π_i), π_i's evaluation on `eval.split`, and
-    Best-of-N(π_i, Q_{i-1}) at the largest N; iteration i in run_dir/iter_<i>/. Re-running
-    resumes at the first unfinished stage. The summary (summary.json, success.png): every
-    evaluation's success, paired against π0's on the same games (exact McNemar), and each
-    stage's wall time."""
+    `iterations` critic-then-actor iterations, then the summary. Re-running resumes at the
+    first unfinished stage."""
     if cfg.init_policy:
         policy_model = cfg.init_policy
-        stage(run_dir / "eval_pi0", "evaluation", lambda: evaluate(cfg, policy_acting(cfg, policy_model), run_dir / "eval_pi0"))
+        stage(run_dir / "eval_pi0", "evaluation",
+              lambda: evaluate(cfg, policy_acting(cfg, policy_model), run_dir / "eval_pi0"))
         evaluations = {"pi0": run_dir / "eval_pi0" / "eval.json"}
     else:
         sft(cfg, run_dir)
         policy_model = str(run_dir / "sft" / "policy")
         evaluations = {"pi0": run_dir / f"eval_sft_{cfg.eval.split}.json"}
-    ns = list(cfg.best_of_n.sizes)
     for i in range(1, cfg.iterations + 1):
-        out = run_dir / f"iter_{i}"
-        dataset = stage(out / "critic", "stage_1", lambda: ALGORITHM_STAGES[cfg.algorithm].stage_1(
-            cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
-        stage(out / "critic" / "prm_stage", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
-        prm_dir = out / "critic" / "prm"
-        if ns:
-            stage(out / "bon_before", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon_before", policy_model,
-                                                                           prm_dir, ns))
-            evaluations.update({f"BoN-{n}(pi{i - 1},Q{i - 1})": out / "bon_before" / f"bon_{n}.json" for n in ns})
-        result = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, prm_dir,
-                                                             Path(dataset["states"])))
-        policy_model = result["policy"]
-        stage(out / "eval", "evaluation", lambda: evaluate(cfg, policy_acting(cfg, policy_model), out / "eval"))
-        evaluations[f"pi{i}"] = out / "eval" / "eval.json"
-        if ns:
-            after = best_of_n_acting(cfg, policy_model, max(ns), prm_dir)
-            stage(out / "bon_after", "best_of_n", lambda: evaluate(cfg, after, out / "bon_after"))
-            evaluations[f"BoN-{max(ns)}(pi{i},Q{i - 1})"] = out / "bon_after" / "eval.json"
+        policy_model = iteration(cfg, run_dir, i, policy_model, evaluations)
+    return summarize_run(cfg, run_dir, evaluations)
+
+
+def iteration(cfg: DictConfig, run_dir: Path, i: int, policy_model: str, evaluations: dict[str, Path]) -> str:
+    """Iteration i in run_dir/iter_<i>/, from π_{i-1} (`policy_model`) to π_i, as named
+    stages (each timed, each skipped when it finished); adds its evaluations' reports to
+    `evaluations` and returns π_i. With `best_of_n.sizes`, also Best-of-N(π_{i-1}, Q_{i-1})
+    for each N, and Best-of-N(π_i, Q_{i-1}) at the largest (the paper's Figures 2 and 5b)."""
+    out, ns = run_dir / f"iter_{i}", list(cfg.best_of_n.sizes)
+    algorithm, prm_dir = ALGORITHM_STAGES[cfg.algorithm], out / "critic" / "prm"
+    # 1. rollouts of π_{i-1} -> the PRM's data (Monte Carlo Q-targets, or expert vs policy transitions)
+    dataset = stage(out / "critic", "stage_1",
+                    lambda: algorithm.stage_1(cfg, out / "critic", policy_model, demos_path(cfg, run_dir)))
+    # 2. the PRM Q_{i-1} on that data
+    stage(out / "critic" / "prm_stage", "prm", lambda: prm_stage(cfg, out / "critic", policy_model))
+    if ns:
+        stage(out / "bon_before", "best_of_n", lambda: best_of_n_stage(cfg, out / "bon_before", policy_model,
+                                                                       prm_dir, ns))
+        evaluations.update({f"BoN-{n}(pi{i - 1},Q{i - 1})": out / "bon_before" / f"bon_{n}.json" for n in ns})
+    # 3. online DPO of π_{i-1} against Q_{i-1} -> π_i
+    policy_model = stage(out / "dpo", "dpo", lambda: dpo_stage(cfg, out / "dpo", policy_model, prm_dir,
+                                                               Path(dataset["states"])))["policy"]
+    # 4. π_i's evaluation
+    stage(out / "eval", "evaluation", lambda: evaluate(cfg, policy_acting(cfg, policy_model), out / "eval"))
+    evaluations[f"pi{i}"] = out / "eval" / "eval.json"
+    if ns:
+        after = best_of_n_acting(cfg, policy_model, max(ns), prm_dir)
+        stage(out / "bon_after", "best_of_n", lambda: evaluate(cfg, after, out / "bon_after"))
+        evaluations[f"BoN-{max(ns)}(pi{i},Q{i - 1})"] = out / "bon_after" / "eval.json"
+    return policy_model
+
+
+def summarize_run(cfg: DictConfig, run_dir: Path, evaluations: dict[str, Path]) -> dict:
+    """summary.json and success.png: every evaluation's success, paired against π0's on the
+    same games (exact McNemar), and each stage's wall time; the same as a table on the console."""
     reports = {name: json.loads(path.read_text()) for name, path in evaluations.items() if path.exists()}
     summary = {"algorithm": cfg.algorithm, "split": cfg.eval.split, "games": cfg.eval.num_games,
                "success_rate": {name: r["success_rate"] for name, r in reports.items()},
