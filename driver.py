@@ -38,12 +38,14 @@ for _k, _v in _ENV_DEFAULTS.items():
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
+import ray.train  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from configs import REPO_ROOT, ConfigError, load_config, save_config  # noqa: E402
 from envs import list_games, pick_games, resolve_data_root  # noqa: E402
-from learners import (RewardHackingMonitor, build_dataset, build_transitions, sample_next_actions,  # noqa: E402
-                      states_of, train_dpo, train_inverse_prm, train_prm, train_sft, without_outcome)
+from learners import (RewardHackingMonitor, build_dataset, build_transitions, learner_failure,  # noqa: E402
+                      sample_next_actions, states_of, train_dpo, train_inverse_prm, train_prm, train_sft,
+                      without_outcome)
 from policy_server import SamplingParams, resolve_model, start_policy_servers  # noqa: E402
 from prm_service import start_prm_servers  # noqa: E402
 from reports import (plot_best_of_n, plot_monitor, plot_reliability, plot_success,  # noqa: E402
@@ -385,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         MODES[cfg.mode](cfg, run_dir)
-    except ray.exceptions.RayError as e:
-        failure = unrecoverable(e)
+    except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
+        failure = unrecoverable(e) or learner_failure(e)
         if failure is None:
             raise
         print(f"error: {failure}; what finished is kept: run the same command again to resume", file=sys.stderr)

@@ -21,7 +21,8 @@ from learners.inverse import build_transitions, sample_next_actions, train_inver
 from learners.prm import train_prm
 from learners.qtargets import build_dataset, states_of
 from learners.sft import train_sft
+from learners.trainer import learner_failure
 
 __all__ = ["train_sft", "train_prm", "train_dpo", "build_dataset", "build_transitions", "sample_next_actions",
            "train_inverse_prm", "without_outcome", "states_of", "TokenizedExample", "IGNORE",
-           "episode_sequences", "pack", "RewardHackingMonitor"]
+           "episode_sequences", "pack", "RewardHackingMonitor", "learner_failure"]

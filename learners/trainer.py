@@ -54,7 +54,7 @@ def run_recipe(recipe: Callable[[dict], None], cfg, section: str, out_dir: Path,
                    "learner": OmegaConf.to_container(cfg.learner), "trust_remote_code": cfg.policy.trust_remote_code,
                    "out_dir": str(out_dir.resolve()), **inputs}
     learner = cfg.learner
-    trainer = TorchTrainer(
+    fit_again_after_startup_deaths(lambda: TorchTrainer(
         recipe, train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=learner.num_workers, use_gpu=learner.use_gpu,
@@ -62,8 +62,44 @@ def run_recipe(recipe: Callable[[dict], None], cfg, section: str, out_dir: Path,
         run_config=RunConfig(name=section, storage_path=str((out_dir / "ray_train").resolve()),
                              failure_config=FailureConfig(max_failures=learner.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),  # each holds optimizer states
-    )
-    trainer.fit()
+    ).fit(), learner.max_failures, section)
+
+
+def fit_again_after_startup_deaths(fit: Callable[[], Any], max_failures: int, name: str) -> None:
+    """`fit()`, run again (at most `max_failures` times) when a learner worker died while its
+    group was starting. Ray Train restarts a group whose worker dies while training, but one
+    that dies while the group starts is a controller error it does not retry; the new group
+    resumes from the last checkpoint (`restore`), as Ray Train's own restart does."""
+    for attempt in range(max_failures + 1):
+        try:
+            fit()
+            return
+        except ray.train.ControllerError as error:
+            if attempt == max_failures or not died_starting(error):
+                raise
+            print(f"{name}: a learner worker died while its group started; starting the job again "
+                  f"({attempt + 1} of learner.max_failures={max_failures})", flush=True)
+
+
+def died_starting(error: BaseException) -> bool:
+    """Whether an actor's death lies in this controller error's chain of causes."""
+    seen: BaseException | None = getattr(error, "controller_failure", None)
+    while seen is not None:
+        if isinstance(seen, ray.exceptions.ActorDiedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def learner_failure(error: BaseException) -> str | None:
+    """One line for a learner job that failed for good (its restarts used up, or a failure
+    Ray Train does not retry); None for other errors."""
+    if not isinstance(error, ray.train.TrainingFailedError):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    actor = next((line for line in lines if line.startswith("class_name:")), "")
+    return (f"the learner job failed ({lines[0].rstrip(':')}{': ' + lines[1] if len(lines) > 1 else ''}"
+            f"{', ' + actor if actor else ''})")
 
 
 def init_worker(seed: int, learner: dict) -> torch.device:

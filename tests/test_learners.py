@@ -255,3 +255,37 @@ print(resident_gb() - before, sum(t.numel() * 4 for t in kept) / 1e9)
     assert done.returncode == 0, done.stderr[-2000:]
     grown, kept = map(float, done.stdout.split())
     assert grown < kept + 0.1  # at glibc's default threshold: 0.65-0.86 GB more
+
+
+def test_a_learner_group_whose_worker_died_starting_is_started_again_up_to_max_failures(capsys):
+    """Ray Train does not retry a worker that dies while its group starts (a controller
+    error); the learner does, as many times as learner.max_failures, and a failure for good
+    is one line."""
+    import ray.exceptions
+    import ray.train
+
+    from learners.trainer import fit_again_after_startup_deaths, learner_failure
+
+    def fit_failing(times: int, failure: Exception):
+        calls = []
+
+        def fit():
+            calls.append(1)
+            if len(calls) <= times:
+                raise ray.train.ControllerError(failure)
+        return fit, calls
+
+    died = ray.exceptions.ActorDiedError()
+    fit, calls = fit_failing(2, died)
+    fit_again_after_startup_deaths(fit, max_failures=3, name="dpo")
+    assert len(calls) == 3 and "dpo: a learner worker died while its group started" in capsys.readouterr().out
+    fit, calls = fit_failing(5, died)
+    with pytest.raises(ray.train.ControllerError) as info:
+        fit_again_after_startup_deaths(fit, max_failures=1, name="dpo")
+    assert len(calls) == 2
+    line = learner_failure(info.value)
+    assert line.startswith("the learner job failed (Training failed due to controller error") and "\n" not in line
+    fit, calls = fit_failing(1, ValueError("a bug"))  # not a death: no retry
+    with pytest.raises(ray.train.ControllerError):
+        fit_again_after_startup_deaths(fit, max_failures=3, name="dpo")
+    assert len(calls) == 1 and learner_failure(ValueError("x")) is None
