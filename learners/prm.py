@@ -5,7 +5,7 @@
 The PRM reads whole episodes: each is one token sequence (the ids the policy saw and
 wrote, `EpisodeSequence`), and one forward pass gives Q(s_t, a_t) at the end of every
 assistant turn, so an episode of T steps costs one pass over its tokens instead of T
-passes over ever longer prompts. Two losses (`prm.loss`, `PRM_LOSSES`):
+passes over ever longer prompts. Two losses (`prm.loss`, `configs.schema.PRMLoss`):
 
 - absolute: binary cross-entropy between sigmoid(Q) and the soft target in [0, 1], at
   every turn of the micro-batch's episodes (the mean over their turns: the same as one

@@ -29,9 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from configs.schema import Discount
 from rollout_workers.records import episodes_in_order
-
-DISCOUNTS = ("to_go", "from_start")
 
 QTARGET_SCHEMA = pa.schema([
     ("game_id", pa.string()), ("task_type", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
@@ -98,7 +97,7 @@ def episode_returns(steps: list[int], won: bool, gamma: float, discount: str) ->
         return [gamma ** (steps[-1] - t) * r for t in steps]
     if discount == "from_start":
         return [gamma ** t * r for t in steps]
-    raise ValueError(f"unknown discount {discount!r}; one of {DISCOUNTS}")
+    raise ValueError(f"unknown discount {discount!r}; one of {', '.join(Discount)}")
 
 
 def q_targets(steps: pa.Table, gamma: float, discount: str, val_games: set[str]) -> pa.Table:
